@@ -1,0 +1,323 @@
+"""The one owner of the model: a worker thread that runs synthesis jobs.
+
+The event loop never runs the model. A reply opens a `SynthesisStream`: sentence
+groups go in, audio pieces come out, in order. The worker thread loads the backend,
+then runs one group at a time, taking turns between the streams that have work, and
+generates at most `max_groups_ahead` groups beyond what a stream has taken, so a
+client that reads slowly holds back only its own work and memory stays bounded.
+
+Cancelling a stream drops its pending groups at once; the group in flight stops at
+the backend's next `should_stop()` check (per token for the Chatterbox backend).
+
+This module knows nothing about torch or Wyoming.
+"""
+
+import asyncio
+import logging
+import threading
+from abc import ABC, abstractmethod
+from collections import deque
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable, Deque, Iterator, List, Optional, Union
+
+import numpy as np
+
+_LOGGER = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Sampling settings of the speech-token model (Chatterbox Turbo's defaults)."""
+
+    temperature: float = 0.8
+    top_k: int = 1000
+    top_p: float = 0.95
+    repetition_penalty: float = 1.2
+
+
+@dataclass(frozen=True)
+class VoiceInfo:
+    """A voice the backend can speak with, as advertised in Info."""
+
+    name: str
+    description: str
+    languages: List[str]
+
+
+@dataclass
+class Piece:
+    """A piece of generated audio: float32 mono samples in [-1, 1]."""
+
+    audio: np.ndarray
+    tokens: int = 0  # speech tokens behind this piece, for logs and tests
+
+
+class SynthesisCancelled(Exception):
+    """Raised inside a backend when `should_stop()` turned true."""
+
+
+class EngineError(Exception):
+    """Synthesis failed; the text is safe to show to the client."""
+
+
+class ModelLoadError(Exception):
+    """The model could not be loaded; the text says what to do about it."""
+
+
+class SpeechBackend(ABC):
+    """A text-to-speech model, driven only from the worker thread."""
+
+    sample_rate: int = 24000
+
+    @abstractmethod
+    def load(self) -> None:
+        """Load the model. Raise ModelLoadError with a clear sentence on failure."""
+
+    @abstractmethod
+    def voices(self) -> List[VoiceInfo]:
+        """The voices this backend can speak with (available after load)."""
+
+    @abstractmethod
+    def synthesize(
+        self,
+        text: str,
+        voice: str,
+        params: SamplingParams,
+        should_stop: Callable[[], bool],
+    ) -> Iterator[Piece]:
+        """Speak one sentence group; raise SynthesisCancelled when should_stop()."""
+
+    def close(self) -> None:
+        """Release the model."""
+
+
+# Markers on a stream's queue, besides pieces and exceptions.
+_GROUP_END = object()
+_STREAM_END = object()
+_QueueItem = Union[Piece, BaseException, object]
+
+
+class SynthesisStream:
+    """One reply: groups of text in, audio pieces out, in order.
+
+    Methods are called from the event loop; the worker reaches the consumer only
+    through `loop.call_soon_threadsafe`, so everything put on the queue keeps the
+    order in which it was decided under the worker's lock.
+    """
+
+    def __init__(
+        self,
+        worker: "EngineWorker",
+        voice: str,
+        params: SamplingParams,
+        loop: asyncio.AbstractEventLoop,
+    ) -> None:
+        self.voice = voice
+        self.params = params
+        self._worker = worker
+        self._loop = loop
+        self._queue: "asyncio.Queue[_QueueItem]" = asyncio.Queue()
+        self._cancel_event = threading.Event()
+        # Guarded by the worker's lock:
+        self._pending: Deque[str] = deque()
+        self._closed = False
+        self._in_flight = False
+        self._failed = False
+        self._ahead = 0  # groups started by the worker, not yet taken by the reader
+        self.groups_generated = 0
+
+    @property
+    def cancelled(self) -> bool:
+        return self._cancel_event.is_set()
+
+    def add_group(self, text: str) -> None:
+        """Queue a sentence group for synthesis."""
+        self._worker._add(self, text)
+
+    def close(self) -> None:
+        """No more groups will come: the audio ends after the queued ones."""
+        self._worker._close(self)
+
+    def cancel(self) -> None:
+        """Abandon the reply: pending groups are dropped, the group in flight stops."""
+        self._worker._cancel(self)
+
+    async def pieces(self) -> AsyncIterator[Piece]:
+        """Audio pieces in order; ends after close() and the last group.
+
+        Raises EngineError if synthesis failed.
+        """
+        while True:
+            item = await self._queue.get()
+            if item is _GROUP_END:
+                self._worker._taken(self)
+            elif item is _STREAM_END:
+                return
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                assert isinstance(item, Piece)
+                yield item
+
+    def _put(self, item: _QueueItem) -> None:
+        # Called under the worker's lock, from either thread; FIFO either way.
+        self._loop.call_soon_threadsafe(self._queue.put_nowait, item)
+
+
+class EngineWorker:
+    """Owns a SpeechBackend on one thread and runs its jobs."""
+
+    def __init__(self, backend: SpeechBackend, max_groups_ahead: int = 2) -> None:
+        self.backend = backend
+        self.max_groups_ahead = max_groups_ahead
+        self._cond = threading.Condition()
+        self._streams: Deque[SynthesisStream] = deque()
+        self._stopping = False
+        self._thread: Optional[threading.Thread] = None
+        self._loaded: "Optional[asyncio.Future[None]]" = None
+
+    @property
+    def sample_rate(self) -> int:
+        return self.backend.sample_rate
+
+    async def start(self) -> None:
+        """Start the worker thread and wait until the backend has loaded.
+
+        Raises whatever the backend's load() raised.
+        """
+        loop = asyncio.get_running_loop()
+        self._loaded = loop.create_future()
+        self._thread = threading.Thread(
+            target=self._run, args=(loop,), name="chatterbox-worker", daemon=True
+        )
+        self._thread.start()
+        await self._loaded
+
+    async def stop(self) -> None:
+        """Cancel every stream, stop the thread and release the model."""
+        with self._cond:
+            self._stopping = True
+            for stream in list(self._streams):
+                self._cancel_locked(stream)
+            self._cond.notify_all()
+        if self._thread is not None:
+            await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    def open_stream(self, voice: str, params: SamplingParams) -> SynthesisStream:
+        stream = SynthesisStream(self, voice, params, asyncio.get_running_loop())
+        with self._cond:
+            self._streams.append(stream)
+        return stream
+
+    # --- called by SynthesisStream, on the event loop ---
+
+    def _add(self, stream: SynthesisStream, text: str) -> None:
+        with self._cond:
+            if stream.cancelled or stream._closed or stream._failed:
+                return
+            stream._pending.append(text)
+            self._cond.notify_all()
+
+    def _close(self, stream: SynthesisStream) -> None:
+        with self._cond:
+            if stream._closed:
+                return
+            stream._closed = True
+            self._end_if_done_locked(stream)
+
+    def _cancel(self, stream: SynthesisStream) -> None:
+        with self._cond:
+            self._cancel_locked(stream)
+            self._cond.notify_all()
+
+    def _taken(self, stream: SynthesisStream) -> None:
+        with self._cond:
+            stream._ahead -= 1
+            self._cond.notify_all()
+
+    # --- worker side ---
+
+    def _cancel_locked(self, stream: SynthesisStream) -> None:
+        stream._cancel_event.set()
+        stream._pending.clear()
+        if stream in self._streams:
+            self._streams.remove(stream)
+
+    def _end_if_done_locked(self, stream: SynthesisStream) -> None:
+        if (
+            stream._closed
+            and not stream._pending
+            and not stream._in_flight
+            and not stream.cancelled
+            and not stream._failed
+        ):
+            if stream in self._streams:
+                self._streams.remove(stream)
+            stream._put(_STREAM_END)
+
+    def _next_job_locked(self) -> Optional[SynthesisStream]:
+        """Round robin over streams with a pending group and room ahead."""
+        for _ in range(len(self._streams)):
+            stream = self._streams[0]
+            self._streams.rotate(-1)
+            if stream._pending and stream._ahead < self.max_groups_ahead:
+                return stream
+        return None
+
+    def _run(self, loop: asyncio.AbstractEventLoop) -> None:
+        assert self._loaded is not None
+        loaded = self._loaded
+        try:
+            self.backend.load()
+        except BaseException as err:  # pylint: disable=broad-except
+            loop.call_soon_threadsafe(loaded.set_exception, err)
+            return
+        loop.call_soon_threadsafe(loaded.set_result, None)
+
+        try:
+            while True:
+                with self._cond:
+                    stream = self._next_job_locked()
+                    while stream is None and not self._stopping:
+                        self._cond.wait()
+                        stream = self._next_job_locked()
+                    if stream is None:
+                        break
+                    text = stream._pending.popleft()
+                    stream._in_flight = True
+                    stream._ahead += 1
+                self._run_group(stream, text)
+        finally:
+            self.backend.close()
+
+    def _run_group(self, stream: SynthesisStream, text: str) -> None:
+        should_stop = stream._cancel_event.is_set
+        error: Optional[BaseException] = None
+        try:
+            for piece in self.backend.synthesize(
+                text, stream.voice, stream.params, should_stop
+            ):
+                if should_stop():
+                    break
+                with self._cond:
+                    stream._put(piece)
+        except SynthesisCancelled:
+            _LOGGER.debug("Group cancelled: %r", text[:60])
+        except Exception as err:  # pylint: disable=broad-except
+            _LOGGER.exception("Synthesis failed for %r", text[:60])
+            error = err
+
+        with self._cond:
+            stream._in_flight = False
+            stream.groups_generated += 1
+            if stream.cancelled:
+                return
+            if error is not None:
+                stream._failed = True
+                stream._pending.clear()
+                if stream in self._streams:
+                    self._streams.remove(stream)
+                stream._put(EngineError(f"Speech synthesis failed: {error}"))
+                return
+            stream._put(_GROUP_END)
+            self._end_if_done_locked(stream)
