@@ -1,5 +1,6 @@
 """A fast stand-in for the model, for protocol and engine tests."""
 
+import os
 import threading
 import time
 from typing import Callable, Iterator, List, Optional
@@ -30,9 +31,12 @@ class FakeBackend(SpeechBackend):
 
     sample_rate = 24000
 
-    def __init__(self, delay: float = 0.0, fail_on: Optional[str] = None) -> None:
+    def __init__(
+        self, delay: float = 0.0, fail_on: Optional[str] = None, chatty: bool = False
+    ) -> None:
         self.delay = delay
         self.fail_on = fail_on
+        self.chatty = chatty  # print to stdout like chatterbox does
         self.asked: List[str] = []
         self.finished: List[str] = []
         self.cancelled: List[str] = []
@@ -60,6 +64,9 @@ class FakeBackend(SpeechBackend):
         self.asked.append(text)
         self.asked_at.append(time.monotonic())
         self.started.set()
+        if self.chatty:
+            print("S3 Token -> Mel Inference...")
+            os.write(1, b"noise from C code\n")
         if self.fail_on is not None and self.fail_on in text:
             raise RuntimeError("fake engine failure")
         deadline = time.monotonic() + self.delay
@@ -72,4 +79,6 @@ class FakeBackend(SpeechBackend):
         # Each group's audio holds its index among the groups asked, so tests can
         # tell replies and groups apart in the PCM.
         value = min(len(self.asked), 300) / 1000.0
-        yield Piece(audio=np.full(fake_samples(text), value, np.float32), tokens=len(text))
+        yield Piece(
+            audio=np.full(fake_samples(text), value, np.float32), tokens=len(text)
+        )

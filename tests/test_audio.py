@@ -12,7 +12,16 @@ def as_int16(pcm: bytes) -> list:
 
 def test_pcm16_scale_round_and_clip() -> None:
     audio = np.array([0.0, 0.5, -0.5, 1.0, -1.0, 1.5, -2.0, 1e-6], dtype=np.float32)
-    assert as_int16(float_to_pcm16(audio)) == [0, 16384, -16384, 32767, -32767, 32767, -32767, 0]
+    assert as_int16(float_to_pcm16(audio)) == [
+        0,
+        16384,
+        -16384,
+        32767,
+        -32767,
+        32767,
+        -32767,
+        0,
+    ]
 
 
 def test_pcm16_nan_and_inf_are_safe() -> None:

@@ -1,0 +1,73 @@
+"""Fixtures: the real server, in this process, on 127.0.0.1 with a fake backend."""
+
+import asyncio
+import contextlib
+from dataclasses import dataclass
+from typing import AsyncIterator, Callable
+
+import pytest
+
+from tests.fakes import FakeBackend
+from tests.wyoming_client import free_port
+from wyoming_chatterbox.__main__ import run_server
+from wyoming_chatterbox.handler import ServerSettings
+
+
+@dataclass
+class RunningServer:
+    port: int
+    backend: FakeBackend
+    task: "asyncio.Task[None]"
+
+
+ServerFactory = Callable[..., "contextlib.AbstractAsyncContextManager[RunningServer]"]
+
+
+@contextlib.asynccontextmanager
+async def _serve(
+    backend: FakeBackend, settings: ServerSettings
+) -> AsyncIterator[RunningServer]:
+    port = free_port()
+    ready = asyncio.Event()
+
+    async def on_ready() -> None:
+        ready.set()
+
+    task = asyncio.create_task(
+        run_server(backend, settings, f"tcp://127.0.0.1:{port}", on_ready=on_ready)
+    )
+    await asyncio.wait_for(ready.wait(), 10)
+    # run_server has called server.run(); give asyncio.start_server a moment.
+    for _ in range(100):
+        try:
+            _, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.close()
+            break
+        except OSError:
+            await asyncio.sleep(0.01)
+    try:
+        yield RunningServer(port, backend, task)
+    finally:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+
+@pytest.fixture
+def serve() -> Callable[..., "contextlib.AbstractAsyncContextManager[RunningServer]"]:
+    """serve(delay=..., fail_on=..., streaming=..., samples_per_chunk=...)"""
+
+    def factory(
+        delay: float = 0.0,
+        fail_on: "str | None" = None,
+        streaming: bool = True,
+        samples_per_chunk: int = 1024,
+    ) -> "contextlib.AbstractAsyncContextManager[RunningServer]":
+        settings = ServerSettings(
+            default_voice="default",
+            streaming=streaming,
+            samples_per_chunk=samples_per_chunk,
+        )
+        return _serve(FakeBackend(delay=delay, fail_on=fail_on), settings)
+
+    return factory

@@ -1,0 +1,246 @@
+"""The real chatterbox code path on a random-weight checkpoint, and startup errors.
+
+The checkpoint comes from script/test-checkpoint (tiny T3, real S3Gen); its T3 ends
+after a handful of speech tokens. Audio length is checked against the tokens:
+S3Gen makes 960 samples (40 ms at 24 kHz) per token, including the 3 silence
+tokens the engine appends to every group.
+"""
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import AsyncIterator, Iterator, List
+
+import numpy as np
+import pytest
+from wyoming.info import Describe, Info
+from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop
+
+from tests.wyoming_client import connect, free_port
+from wyoming_chatterbox.engine import SamplingParams, SynthesisCancelled
+from wyoming_chatterbox.sentences import split_groups
+
+pytestmark = pytest.mark.model
+
+ROOT = Path(__file__).resolve().parents[1]
+SAMPLES_PER_TOKEN = 960
+SILENCE_TOKENS = 3
+ENV = {**os.environ, "HF_HUB_OFFLINE": "1", "TQDM_DISABLE": "1"}
+
+
+@pytest.fixture(scope="session")
+def checkpoint() -> Path:
+    """Built once and kept in .cache/ until the builder script changes."""
+    builder = ROOT / "script" / "make_test_checkpoint.py"
+    stamp = hashlib.sha256(builder.read_bytes()).hexdigest()
+    out = ROOT / ".cache" / "test-checkpoint"
+    if (out / "stamp").is_file() and (out / "stamp").read_text() == stamp:
+        return out
+    shutil.rmtree(out, ignore_errors=True)
+    subprocess.run(
+        [str(ROOT / "script" / "test-checkpoint"), str(out)], check=True, env=ENV
+    )
+    (out / "stamp").write_text(stamp)
+    return out
+
+
+@pytest.fixture(scope="module")
+def backend(checkpoint: Path) -> Iterator:  # type: ignore[type-arg]
+    from wyoming_chatterbox.turbo import TurboBackend
+
+    backend = TurboBackend(checkpoint, ROOT / ".cache" / "unused", "cpu")
+    backend.load()
+    yield backend
+    backend.close()
+
+
+def test_backend_audio_matches_generated_tokens(backend) -> None:  # type: ignore[no-untyped-def]
+    for text in ["Hello there.", "The kitchen light is on, and it is 21 degrees."]:
+        pieces = list(
+            backend.synthesize(text, "default", SamplingParams(), lambda: False)
+        )
+        assert len(pieces) == 1
+        piece = pieces[0]
+        assert piece.audio.dtype == np.float32 and piece.audio.ndim == 1
+        assert np.isfinite(piece.audio).all() and np.abs(piece.audio).max() <= 1.0
+        assert 0 <= piece.tokens < 1000
+        assert len(piece.audio) == SAMPLES_PER_TOKEN * (piece.tokens + SILENCE_TOKENS)
+
+
+def test_backend_stops_within_tokens_when_asked(backend) -> None:  # type: ignore[no-untyped-def]
+    checks: List[int] = []
+
+    def should_stop() -> bool:
+        checks.append(1)
+        return len(checks) > 1  # stop before the second token
+
+    with pytest.raises(SynthesisCancelled):
+        list(backend.synthesize("Stop me.", "default", SamplingParams(), should_stop))
+    assert len(checks) == 2
+
+
+def test_backend_does_not_speak_empty_text(backend) -> None:  # type: ignore[no-untyped-def]
+    # Upstream's punc_norm would say "You need to add some text for me to talk."
+    assert (
+        list(backend.synthesize("  ", "default", SamplingParams(), lambda: False)) == []
+    )
+
+
+def test_builtin_voice_is_not_shared_state(backend) -> None:  # type: ignore[no-untyped-def]
+    assert backend._model.conds is None  # calls pass their voice's conditionals
+    gen = backend._voices["default"].gen
+    before = {k: (v.dtype, v.clone()) for k, v in gen.items() if hasattr(v, "dtype")}
+    list(backend.synthesize("Once more.", "default", SamplingParams(), lambda: False))
+    for key, (dtype, value) in before.items():
+        assert gen[key].dtype == dtype, key  # S3Gen's in-place casts hit a copy
+        assert bool((gen[key] == value).all()), key
+
+
+@contextlib.asynccontextmanager
+async def real_server(*args: str) -> AsyncIterator[int]:
+    port = free_port()
+    process = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "wyoming_chatterbox",
+        "--uri",
+        f"tcp://127.0.0.1:{port}",
+        *args,
+        env=ENV,
+        cwd=ROOT,
+        stderr=asyncio.subprocess.PIPE,
+    )
+    try:
+        for _ in range(1200):
+            if process.returncode is not None:
+                assert process.stderr is not None
+                raise AssertionError((await process.stderr.read()).decode())
+            try:
+                async with connect(port) as client:
+                    await client.send(Describe().event())
+                    if await client.read(timeout=5) is not None:
+                        break
+            except OSError:
+                await asyncio.sleep(0.1)
+        yield port
+    finally:
+        if process.returncode is None:
+            process.terminate()
+            await asyncio.wait_for(process.wait(), 30)
+
+
+def tokens_in(audio: bytes, groups: int) -> int:
+    samples = len(audio) // 2
+    assert samples % SAMPLES_PER_TOKEN == 0, samples
+    tokens = samples // SAMPLES_PER_TOKEN - SILENCE_TOKENS * groups
+    assert tokens >= 0
+    return tokens
+
+
+async def test_real_server_one_shot_and_streaming(checkpoint: Path) -> None:
+    text = "Good evening. The front door is locked. All the lights are off now."
+    groups = len(split_groups(text))
+    assert groups == 2
+    async with real_server("--model-dir", str(checkpoint), "--device", "cpu") as port:
+        async with connect(port) as client:
+            await client.send(Describe().event())
+            event = await client.read()
+            assert event is not None
+            voices = Info.from_event(event).tts[0].voices
+            assert [v.name for v in voices] == ["default"]
+
+            await client.send(Synthesize(text=text).event())
+            one_shot = await client.read_reply(timeout=120)
+            assert one_shot.compact_types() == [
+                "audio-start",
+                "audio-chunk",
+                "audio-stop",
+            ]
+            tokens_in(one_shot.audio, groups)
+
+            await client.send(SynthesizeStart().event())
+            for i in range(0, len(text), 5):
+                await client.send(SynthesizeChunk(text=text[i : i + 5]).event())
+            await client.send(Synthesize(text=text).event(), SynthesizeStop().event())
+            streamed = await client.read_reply(streaming=True, timeout=120)
+            assert streamed.compact_types() == [
+                "audio-start",
+                "audio-chunk",
+                "audio-stop",
+                "synthesize-stopped",
+            ]
+            tokens_in(streamed.audio, groups)
+            assert {(c.rate, c.width, c.channels) for c in streamed.chunks} == {
+                (24000, 2, 1)
+            }
+
+
+def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:  # type: ignore[type-arg]
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "wyoming_chatterbox",
+            "--uri",
+            "tcp://127.0.0.1:1",
+            *args,
+        ],
+        env=ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
+
+
+def assert_one_clear_error(result: subprocess.CompletedProcess, *words: str) -> None:  # type: ignore[type-arg]
+    assert result.returncode == 1, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+    errors = [line for line in result.stderr.splitlines() if " ERROR " in line]
+    assert len(errors) == 1, result.stderr
+    for word in words:
+        assert word in errors[0], errors[0]
+
+
+def test_startup_without_network_or_model_dir(tmp_path: Path) -> None:
+    result = run_cli("--data-dir", str(tmp_path), "--device", "cpu")
+    assert_one_clear_error(result, "Could not download", "--model-dir")
+
+
+def test_startup_with_missing_model_dir(tmp_path: Path) -> None:
+    result = run_cli("--model-dir", str(tmp_path / "nope"))
+    assert_one_clear_error(result, "--model-dir", "not a folder")
+
+
+def test_startup_with_incomplete_model_dir(tmp_path: Path) -> None:
+    (tmp_path / "ve.safetensors").write_bytes(b"")
+    result = run_cli("--model-dir", str(tmp_path), "--device", "cpu")
+    assert_one_clear_error(
+        result, "t3_turbo_v1.safetensors", "s3gen_meanflow.safetensors"
+    )
+
+
+def test_startup_with_bad_device(checkpoint: Path) -> None:
+    result = run_cli("--model-dir", str(checkpoint), "--device", "cuda:0")
+    assert_one_clear_error(result, "cuda:0", "--device cpu")
+    result = run_cli("--model-dir", str(checkpoint), "--device", "tpu")
+    assert_one_clear_error(result, "tpu", "auto, cpu, cuda")
+
+
+def test_startup_with_unknown_default_voice(checkpoint: Path) -> None:
+    result = run_cli(
+        "--model-dir", str(checkpoint), "--device", "cpu", "--voice", "zed"
+    )
+    assert_one_clear_error(result, "zed", "default")
+
+
+def test_bad_options_are_refused() -> None:
+    result = run_cli("--top-p", "1.5")
+    assert result.returncode == 2 and "--top-p" in result.stderr
+    result = run_cli("--samples-per-chunk", "0")
+    assert result.returncode == 2 and "--samples-per-chunk" in result.stderr

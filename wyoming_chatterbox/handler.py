@@ -1,0 +1,296 @@
+"""Wyoming events in, audio events out: one handler per connection.
+
+Describe is answered at once. A reply (a one-shot `synthesize`, or a
+`synthesize-start` ... `synthesize-stop` stream) runs as a task of its own, so that
+events keep being read while its audio is produced: the chunks of a stream arrive
+while earlier groups are spoken, and a client that leaves is noticed at once and
+its pending work is cancelled. Nothing here touches torch.
+"""
+
+import asyncio
+import contextlib
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import List, Optional
+
+from wyoming.audio import AudioChunk, AudioStart, AudioStop
+from wyoming.error import Error
+from wyoming.event import Event
+from wyoming.info import Attribution, Describe, Info, TtsProgram, TtsVoice
+from wyoming.server import AsyncEventHandler
+from wyoming.tts import (
+    Synthesize,
+    SynthesizeChunk,
+    SynthesizeStart,
+    SynthesizeStop,
+    SynthesizeStopped,
+    SynthesizeVoice,
+)
+
+from . import __version__
+from .audio import CHANNELS, SAMPLE_WIDTH, float_to_pcm16, iter_chunks
+from .engine import (
+    EngineError,
+    EngineWorker,
+    SamplingParams,
+    SynthesisStream,
+    VoiceInfo,
+)
+from .sentences import IncrementalSplitter, split_groups
+
+_LOGGER = logging.getLogger(__name__)
+
+ATTRIBUTION = Attribution(
+    name="Resemble AI", url="https://github.com/resemble-ai/chatterbox"
+)
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """What every connection's handler needs to know."""
+
+    default_voice: str
+    params: SamplingParams = field(default_factory=SamplingParams)
+    samples_per_chunk: int = 1024
+    streaming: bool = True
+
+
+def build_info(voices: List[VoiceInfo], streaming: bool) -> Info:
+    return Info(
+        tts=[
+            TtsProgram(
+                name="chatterbox",
+                description="Chatterbox Turbo text to speech by Resemble AI",
+                attribution=ATTRIBUTION,
+                installed=True,
+                version=__version__,
+                voices=[
+                    TtsVoice(
+                        name=voice.name,
+                        description=voice.description,
+                        attribution=ATTRIBUTION,
+                        installed=True,
+                        version=None,
+                        languages=list(voice.languages),
+                    )
+                    for voice in voices
+                ],
+                supports_synthesize_streaming=streaming,
+            )
+        ]
+    )
+
+
+class _Reply:
+    """Text of one reply on its way to the engine, and what it has produced."""
+
+    def __init__(self, stream: SynthesisStream, streaming: bool, incremental: bool):
+        self.stream = stream
+        self.streaming = streaming
+        self.chars = 0
+        self.groups = 0
+        self.task: "Optional[asyncio.Task[None]]" = None
+        self._splitter: Optional[IncrementalSplitter] = (
+            IncrementalSplitter() if incremental else None
+        )
+        self._buffer: List[str] = []
+
+    def feed(self, text: str) -> None:
+        self.chars += len(text)
+        if self._splitter is None:
+            self._buffer.append(text)
+        else:
+            self._submit(self._splitter.feed(text))
+
+    def finish(self) -> None:
+        if self._splitter is None:
+            self._submit(split_groups("".join(self._buffer)))
+        else:
+            self._submit(self._splitter.flush())
+        self.stream.close()
+
+    def _submit(self, groups: List[str]) -> None:
+        for group in groups:
+            self.groups += 1
+            self.stream.add_group(group)
+
+
+class ChatterboxEventHandler(AsyncEventHandler):
+    """Speaks Synthesize requests and streams with the engine."""
+
+    def __init__(
+        self,
+        reader: asyncio.StreamReader,
+        writer: asyncio.StreamWriter,
+        *,
+        engine: EngineWorker,
+        settings: ServerSettings,
+    ) -> None:
+        super().__init__(reader, writer)
+        self._engine = engine
+        self._settings = settings
+        self._stream_reply: Optional[_Reply] = None  # an open synthesize-start
+        self._replies: List[_Reply] = []  # replies whose task has not ended
+
+    async def handle_event(self, event: Event) -> bool:
+        try:
+            return await self._handle_event(event)
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            # An event of a known type but the wrong shape, e.g. no "text".
+            _LOGGER.warning("Bad %s event: %r", event.type, err)
+            await self.write_event(
+                Error(
+                    text=f"Malformed {event.type} event: {err!r}", code="bad-request"
+                ).event()
+            )
+            return False
+
+    async def _handle_event(self, event: Event) -> bool:
+        if Describe.is_type(event.type):
+            info = build_info(self._engine.backend.voices(), self._settings.streaming)
+            await self.write_event(info.event())
+            return True
+
+        if Synthesize.is_type(event.type):
+            if self._stream_reply is not None:
+                # Home Assistant repeats the whole text as synthesize inside a
+                # stream for older servers; the stream's chunks already have it.
+                _LOGGER.debug("Ignoring synthesize inside a stream")
+                return True
+            synthesize = Synthesize.from_event(event)
+            reply = await self._open_reply(synthesize.voice, streaming=False)
+            if reply is None:
+                return False
+            reply.feed(synthesize.text)
+            reply.finish()
+            return True
+
+        if SynthesizeStart.is_type(event.type):
+            if self._stream_reply is not None:
+                _LOGGER.warning("synthesize-start inside a stream: ending that stream")
+                self._stream_reply.finish()
+                self._stream_reply = None
+            start = SynthesizeStart.from_event(event)
+            self._stream_reply = await self._open_reply(start.voice, streaming=True)
+            return self._stream_reply is not None
+
+        if SynthesizeChunk.is_type(event.type):
+            if self._stream_reply is None:
+                _LOGGER.warning("Ignoring synthesize-chunk outside a stream")
+            else:
+                self._stream_reply.feed(SynthesizeChunk.from_event(event).text)
+            return True
+
+        if SynthesizeStop.is_type(event.type):
+            if self._stream_reply is None:
+                # Nothing was started, but the client waits for this answer.
+                await self.write_event(SynthesizeStopped().event())
+            else:
+                self._stream_reply.finish()
+                self._stream_reply = None
+            return True
+
+        _LOGGER.debug("Ignoring event: %s", event.type)
+        return True
+
+    async def disconnect(self) -> None:
+        """The client left (Home Assistant's way to stop): abandon all its work."""
+        current = asyncio.current_task()
+        for reply in list(self._replies):
+            reply.stream.cancel()
+            if reply.task is not None and reply.task is not current:
+                reply.task.cancel()
+        self._stream_reply = None
+
+    async def _open_reply(
+        self, voice: Optional[SynthesizeVoice], streaming: bool
+    ) -> Optional[_Reply]:
+        """Start a reply task; None (after an error event) for an unknown voice."""
+        name = (
+            voice.name if voice is not None else None
+        ) or self._settings.default_voice
+        known = [v.name for v in self._engine.backend.voices()]
+        if name not in known:
+            _LOGGER.warning("Unknown voice requested: %r", name)
+            await self.write_event(
+                Error(
+                    text=f"Unknown voice {name!r}; available voices: {', '.join(known)}",
+                    code="unknown-voice",
+                ).event()
+            )
+            return None
+
+        stream = self._engine.open_stream(name, self._settings.params)
+        reply = _Reply(
+            stream,
+            streaming=streaming,
+            incremental=streaming and self._settings.streaming,
+        )
+        # Replies on one connection are spoken one after another, never mixed.
+        previous = self._replies[-1].task if self._replies else None
+        self._replies.append(reply)
+        reply.task = asyncio.create_task(self._speak(reply, previous))
+        return reply
+
+    async def _speak(
+        self, reply: _Reply, previous: "Optional[asyncio.Task[None]]"
+    ) -> None:
+        """Send the reply's audio: one audio-start, its chunks, one audio-stop."""
+        if previous is not None:
+            await asyncio.wait([previous])
+        rate = self._engine.sample_rate
+        started = time.monotonic()
+        first_audio: Optional[float] = None
+        samples = 0
+        outcome = "cancelled"
+        try:
+            await self.write_event(
+                AudioStart(rate=rate, width=SAMPLE_WIDTH, channels=CHANNELS).event()
+            )
+            async for piece in reply.stream.pieces():
+                pcm = float_to_pcm16(piece.audio)
+                for chunk in iter_chunks(pcm, self._settings.samples_per_chunk):
+                    await self.write_event(
+                        AudioChunk(
+                            rate=rate,
+                            width=SAMPLE_WIDTH,
+                            channels=CHANNELS,
+                            audio=chunk,
+                            timestamp=samples * 1000 // rate,
+                        ).event()
+                    )
+                    if first_audio is None:
+                        first_audio = time.monotonic()
+                    samples += len(chunk) // (SAMPLE_WIDTH * CHANNELS)
+            await self.write_event(AudioStop(timestamp=samples * 1000 // rate).event())
+            if reply.streaming:
+                await self.write_event(SynthesizeStopped().event())
+            outcome = "done"
+        except EngineError as err:
+            outcome = "failed"
+            with contextlib.suppress(ConnectionError, RuntimeError):
+                await self.write_event(
+                    Error(text=str(err), code="synthesis-failed").event()
+                )
+            # Without a close, a client could wait for audio-stop forever.
+            await self.stop()
+        except (ConnectionError, RuntimeError) as err:
+            _LOGGER.debug("Client gone while sending audio: %s", err)
+        finally:
+            reply.stream.cancel()
+            self._replies.remove(reply)
+            total = time.monotonic() - started
+            audio_seconds = samples / rate
+            _LOGGER.info(
+                "Reply %s: voice=%s chars=%s groups=%s first_audio=%s total=%.2fs "
+                "audio=%.2fs rtf=%s",
+                outcome,
+                reply.stream.voice,
+                reply.chars,
+                reply.groups,
+                f"{first_audio - started:.3f}s" if first_audio else "-",
+                total,
+                audio_seconds,
+                f"{total / audio_seconds:.2f}" if audio_seconds else "-",
+            )
