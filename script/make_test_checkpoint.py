@@ -35,7 +35,9 @@ LIVE_SPEECH_TOKENS = list(range(100, 6500, 800))  # 8 tokens
 SAMPLE_RATE = 24000
 
 
-def synthetic_voice(seconds: float = 8.0, sr: int = SAMPLE_RATE, seed: int = 0) -> np.ndarray:
+def synthetic_voice(
+    seconds: float = 8.0, sr: int = SAMPLE_RATE, seed: int = 0
+) -> np.ndarray:
     """A speech-like signal: voiced harmonics with a wandering pitch, syllable-rate
     amplitude modulation and a little breath noise."""
     rng = np.random.default_rng(seed)
@@ -77,13 +79,12 @@ def write_tokenizer(out: Path) -> None:
 
 def build(out: Path, full: bool) -> None:
     import torch
-    from safetensors.torch import save_file
-
     from chatterbox.models.s3gen import S3Gen
     from chatterbox.models.t3 import T3
     from chatterbox.models.t3.llama_configs import LLAMA_CONFIGS
     from chatterbox.models.t3.modules.t3_config import T3Config
     from chatterbox.models.voice_encoder import VoiceEncoder
+    from safetensors.torch import save_file
 
     torch.manual_seed(0)
     out.mkdir(parents=True, exist_ok=True)

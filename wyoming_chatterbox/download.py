@@ -13,7 +13,11 @@ _LOGGER = logging.getLogger(__name__)
 
 REPO_ID = "ResembleAI/chatterbox-turbo"
 # Weights ChatterboxTurboTTS.from_local must find.
-MODEL_FILES = ("ve.safetensors", "t3_turbo_v1.safetensors", "s3gen_meanflow.safetensors")
+MODEL_FILES = (
+    "ve.safetensors",
+    "t3_turbo_v1.safetensors",
+    "s3gen_meanflow.safetensors",
+)
 BUILTIN_VOICE_FILE = "conds.pt"
 # Plus the GPT-2 tokenizer files (vocab.json, merges.txt, *_config.json, ...).
 ALLOW_PATTERNS = [*MODEL_FILES, BUILTIN_VOICE_FILE, "*.json", "*.txt", "*.model"]

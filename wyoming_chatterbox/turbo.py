@@ -299,7 +299,9 @@ class TurboBackend(SpeechBackend):
         if params.top_p < 1.0:
             processors.append(TopPLogitsWarper(params.top_p))
         if params.repetition_penalty != 1.0:
-            processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+            processors.append(
+                RepetitionPenaltyLogitsProcessor(params.repetition_penalty)
+            )
 
         stop_token = t3.hp.stop_speech_token
         history = t3.hp.start_speech_token * torch.ones_like(text_tokens[:, :1])
