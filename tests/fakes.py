@@ -14,12 +14,18 @@ from wyoming_chatterbox.engine import (
     SynthesisCancelled,
     VoiceInfo,
 )
+from wyoming_chatterbox.sentences import split_groups
 
 SAMPLES_PER_CHAR = 100
 
 
 def fake_samples(group: str) -> int:
     return len(group) * SAMPLES_PER_CHAR
+
+
+def fake_bytes(text: str) -> int:
+    """PCM bytes the fake speaks for a whole reply of this text."""
+    return sum(fake_samples(group) for group in split_groups(text)) * 2
 
 
 class FakeBackend(SpeechBackend):

@@ -17,7 +17,7 @@ from wyoming.tts import (
     SynthesizeVoice,
 )
 
-from tests.fakes import FakeBackend, fake_samples
+from tests.fakes import FakeBackend, fake_bytes
 from tests.wyoming_client import Client, audio_format, connect, free_port
 from wyoming_chatterbox import __version__
 from wyoming_chatterbox.__main__ import run_server
@@ -34,10 +34,6 @@ LONG_TEXT = " ".join(
     f"This is sentence number {i} of a long reply, with a few more words in it."
     for i in range(1, 16)
 )
-
-
-def expected_bytes(text: str) -> int:
-    return sum(fake_samples(group) for group in split_groups(text)) * 2
 
 
 def fragments(text: str, seed: int = 0) -> list:
@@ -86,7 +82,7 @@ async def test_one_shot_has_one_start_and_stop_and_all_audio(serve) -> None:
         assert server.backend.asked == split_groups(FIVE_SENTENCES)
     assert len(split_groups(FIVE_SENTENCES)) >= 2
     assert reply.compact_types() == ["audio-start", "audio-chunk", "audio-stop"]
-    assert len(reply.audio) == expected_bytes(FIVE_SENTENCES)
+    assert len(reply.audio) == fake_bytes(FIVE_SENTENCES)
     formats = {audio_format(e) for e in reply.events if e.type != "audio-stop"}
     assert formats == {(24000, 2, 1)}
     assert all(len(chunk.audio) <= 512 * 2 for chunk in reply.chunks)
@@ -104,7 +100,7 @@ async def test_one_shot_voice_by_name(serve) -> None:
             ).event()
         )
         reply = await client.read_reply()
-    assert len(reply.audio) == expected_bytes("Hello there.")
+    assert len(reply.audio) == fake_bytes("Hello there.")
 
 
 async def test_two_one_shots_on_one_connection_come_in_order(serve) -> None:
@@ -115,8 +111,8 @@ async def test_two_one_shots_on_one_connection_come_in_order(serve) -> None:
         )
         reply1 = await client.read_reply()
         reply2 = await client.read_reply()
-    assert len(reply1.audio) == expected_bytes(first)
-    assert len(reply2.audio) == expected_bytes(second)
+    assert len(reply1.audio) == fake_bytes(first)
+    assert len(reply2.audio) == fake_bytes(second)
 
 
 async def test_streaming_fragments_mid_word(serve) -> None:
@@ -138,7 +134,7 @@ async def test_streaming_fragments_mid_word(serve) -> None:
         "synthesize-stopped",
     ]
     # The compatibility synthesize was ignored: the audio is there once.
-    assert len(reply.audio) == expected_bytes(FIVE_SENTENCES)
+    assert len(reply.audio) == fake_bytes(FIVE_SENTENCES)
 
 
 async def test_streaming_speaks_first_group_before_stop(serve) -> None:
@@ -157,7 +153,7 @@ async def test_streaming_speaks_first_group_before_stop(serve) -> None:
     assert rest.types[-1] == "synthesize-stopped"
     assert "audio-start" not in rest.types  # one audio format for the whole stream
     total = len(first_chunk.payload or b"") + len(rest.audio)
-    assert total == expected_bytes(LONG_TEXT)
+    assert total == fake_bytes(LONG_TEXT)
 
 
 async def test_streaming_stop_always_answered(serve) -> None:
@@ -191,7 +187,7 @@ async def test_no_streaming_still_answers_streams(serve) -> None:
         reply = await client.read_reply(streaming=True)
         assert server.backend.asked == split_groups(LONG_TEXT)
     assert reply.compact_types()[-2:] == ["audio-stop", "synthesize-stopped"]
-    assert len(reply.audio) == expected_bytes(LONG_TEXT)
+    assert len(reply.audio) == fake_bytes(LONG_TEXT)
 
 
 async def test_unknown_events_are_ignored(serve) -> None:
@@ -253,7 +249,7 @@ async def test_disconnect_abandons_pending_groups(serve) -> None:
         async with connect(server.port) as client:
             await client.send(Synthesize(text="Next client.").event())
             reply = await client.read_reply()
-        assert len(reply.audio) == expected_bytes("Next client.")
+        assert len(reply.audio) == fake_bytes("Next client.")
         assert backend.asked_at[-1] - left < 1.0 + 0.1
 
 
@@ -274,7 +270,7 @@ async def test_engine_error_sends_error_and_closes_others_served(serve) -> None:
         async with connect(server.port) as client:
             await client.send(Synthesize(text="Another client is fine.").event())
             reply = await client.read_reply()
-        assert len(reply.audio) == expected_bytes("Another client is fine.")
+        assert len(reply.audio) == fake_bytes("Another client is fine.")
 
 
 async def test_malformed_event_gets_error_and_close(serve) -> None:
@@ -318,7 +314,7 @@ async def test_unix_socket(tmp_path) -> None:  # type: ignore[no-untyped-def]
         await client.send(Synthesize(text="Over a unix socket.").event())
         reply = await client.read_reply()
         await client.close()
-        assert len(reply.audio) == expected_bytes("Over a unix socket.")
+        assert len(reply.audio) == fake_bytes("Over a unix socket.")
     finally:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):

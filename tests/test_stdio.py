@@ -7,16 +7,11 @@ from pathlib import Path
 from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop
 
-from tests.fakes import fake_samples
+from tests.fakes import fake_bytes
 from tests.wyoming_client import Client
-from wyoming_chatterbox.sentences import split_groups
 
 ROOT = Path(__file__).resolve().parents[1]
 TEXT = "Hello from the pipe. It carries events both ways! Does it work? It does."
-
-
-def expected_bytes(text: str) -> int:
-    return sum(fake_samples(group) for group in split_groups(text)) * 2
 
 
 async def test_stdio_describe_one_shot_and_stream_with_chatty_library() -> None:
@@ -43,7 +38,7 @@ async def test_stdio_describe_one_shot_and_stream_with_chatty_library() -> None:
         await client.send(Synthesize(text=TEXT).event())
         reply = await client.read_reply()
         assert reply.compact_types() == ["audio-start", "audio-chunk", "audio-stop"]
-        assert len(reply.audio) == expected_bytes(TEXT)
+        assert len(reply.audio) == fake_bytes(TEXT)
 
         await client.send(SynthesizeStart().event())
         for i in range(0, len(TEXT), 3):
@@ -51,7 +46,7 @@ async def test_stdio_describe_one_shot_and_stream_with_chatty_library() -> None:
         await client.send(Synthesize(text=TEXT).event(), SynthesizeStop().event())
         streamed = await client.read_reply(streaming=True)
         assert streamed.types[-1] == "synthesize-stopped"
-        assert len(streamed.audio) == expected_bytes(TEXT)
+        assert len(streamed.audio) == fake_bytes(TEXT)
     finally:
         process.stdin.close()
         await asyncio.wait_for(process.wait(), 10)
