@@ -124,7 +124,6 @@ class SynthesisStream:
         self._in_flight = False
         self._failed = False
         self._ahead = 0  # groups started by the worker, not yet taken by the reader
-        self.groups_generated = 0
 
     @property
     def cancelled(self) -> bool:
@@ -309,7 +308,6 @@ class EngineWorker:
 
         with self._cond:
             stream._in_flight = False
-            stream.groups_generated += 1
             if stream.cancelled:
                 return
             if error is not None:
