@@ -315,7 +315,9 @@ class TurboBackend(SpeechBackend):
         past = outputs.past_key_values
         logits = t3.speech_head(outputs[0][:, -1:])
 
-        generated: List[Any] = []
+        # `history` is what the repetition penalty sees: the start token at the
+        # first step, then the generated tokens only, as upstream.
+        generated = torch.zeros((1, 0), dtype=torch.long, device=text_tokens.device)
         for _ in range(MAX_SPEECH_TOKENS):
             if should_stop():
                 raise SynthesisCancelled()
@@ -323,9 +325,8 @@ class TurboBackend(SpeechBackend):
             next_token = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1)
             if int(next_token) == stop_token:
                 break
-            generated.append(next_token)
-            # Upstream penalises repeats among the generated tokens only.
-            history = torch.cat(generated, dim=1)
+            generated = torch.cat([generated, next_token], dim=1)
+            history = generated
             outputs = t3.tfmr(
                 inputs_embeds=t3.speech_emb(next_token),
                 past_key_values=past,
@@ -337,7 +338,4 @@ class TurboBackend(SpeechBackend):
             _LOGGER.warning(
                 "Speech for a group reached the %s-token cap", MAX_SPEECH_TOKENS
             )
-
-        if not generated:
-            return torch.zeros(0, dtype=torch.long, device=text_tokens.device)
-        return torch.cat(generated, dim=1)[0]
+        return generated[0]
