@@ -27,12 +27,19 @@ _LOGGER = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """Sampling settings of the speech-token model (Chatterbox Turbo's defaults)."""
+    """Sampling settings of the speech-token model (Chatterbox Turbo's defaults).
+
+    `exaggeration`, `cfg_weight` and `min_p` are read by the multilingual model
+    only; Turbo has no emotion control or classifier-free guidance.
+    """
 
     temperature: float = 0.8
     top_k: int = 1000
     top_p: float = 0.95
     repetition_penalty: float = 1.2
+    min_p: float = 0.05
+    exaggeration: float = 0.5
+    cfg_weight: float = 0.5
 
 
 @dataclass(frozen=True)
