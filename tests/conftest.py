@@ -3,20 +3,21 @@
 import asyncio
 import contextlib
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable
 
 import pytest
 
 from tests.fakes import FakeBackend
 from tests.wyoming_client import free_port
 from wyoming_chatterbox.__main__ import run_server
+from wyoming_chatterbox.engine import SpeechBackend
 from wyoming_chatterbox.handler import ServerSettings
 
 
 @dataclass
 class RunningServer:
     port: int
-    backend: FakeBackend
+    backend: Any
     task: "asyncio.Task[None]"
 
 
@@ -25,7 +26,7 @@ ServerFactory = Callable[..., "contextlib.AbstractAsyncContextManager[RunningSer
 
 @contextlib.asynccontextmanager
 async def _serve(
-    backend: FakeBackend, settings: ServerSettings
+    backend: SpeechBackend, settings: ServerSettings
 ) -> AsyncIterator[RunningServer]:
     port = free_port()
     ready = asyncio.Event()
@@ -55,19 +56,36 @@ async def _serve(
 
 @pytest.fixture
 def serve() -> Callable[..., "contextlib.AbstractAsyncContextManager[RunningServer]"]:
-    """serve(delay=..., fail_on=..., streaming=..., samples_per_chunk=...)"""
+    """serve(delay=..., fail_on=..., streaming=..., samples_per_chunk=...,
+    loudness=..., clean_text=..., sentence_silence=...)"""
 
     def factory(
         delay: float = 0.0,
         fail_on: "str | None" = None,
         streaming: bool = True,
         samples_per_chunk: int = 1024,
+        loudness: "float | None" = None,
+        clean_text: bool = False,
+        sentence_silence: float = 0.0,
     ) -> "contextlib.AbstractAsyncContextManager[RunningServer]":
+        # Loudness and text cleanup off unless asked: most tests check the fake
+        # backend's exact samples for the exact text sent.
         settings = ServerSettings(
             default_voice="default",
             streaming=streaming,
             samples_per_chunk=samples_per_chunk,
+            loudness=loudness,
+            clean_text=clean_text,
+            sentence_silence=sentence_silence,
         )
         return _serve(FakeBackend(delay=delay, fail_on=fail_on), settings)
 
     return factory
+
+
+@pytest.fixture
+def serve_backend() -> (
+    Callable[..., "contextlib.AbstractAsyncContextManager[RunningServer]"]
+):
+    """serve_backend(backend, settings): the real server around any backend."""
+    return _serve

@@ -22,7 +22,12 @@ def main() -> None:
     parser.add_argument("--chatty", action="store_true")
     args = parser.parse_args()
     logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
-    settings = ServerSettings(default_voice="default", streaming=not args.no_streaming)
+    settings = ServerSettings(
+        default_voice="default",
+        streaming=not args.no_streaming,
+        loudness=None,
+        clean_text=False,
+    )
     asyncio.run(
         run_server(
             FakeBackend(delay=args.delay, chatty=args.chatty), settings, args.uri

@@ -1,12 +1,15 @@
 """A fast stand-in for the model, for protocol and engine tests."""
 
+import json
 import os
 import threading
 import time
-from typing import Callable, Iterator, List, Optional
+from pathlib import Path
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from wyoming_chatterbox.backend import ChatterboxBackend
 from wyoming_chatterbox.engine import (
     Piece,
     SamplingParams,
@@ -64,6 +67,7 @@ class FakeBackend(SpeechBackend):
         self,
         text: str,
         voice: str,
+        language: str,
         params: SamplingParams,
         should_stop: Callable[[], bool],
     ) -> Iterator[Piece]:
@@ -88,3 +92,89 @@ class FakeBackend(SpeechBackend):
         yield Piece(
             audio=np.full(fake_samples(text), value, np.float32), tokens=len(text)
         )
+
+
+class _FakeModel:
+    def __init__(self) -> None:
+        self.conds: object = {"voice": "default"}
+
+
+class FakeClipBackend(ChatterboxBackend):
+    """The real voice catalogue and conditionals cache over a fake model.
+
+    Conditionals are a dict naming the clip and its peak; they are cached as JSON.
+    Audio is SAMPLES_PER_CHAR samples per character at 0.1, like FakeBackend.
+    """
+
+    kind = "fake"
+    model_name = "Fake Chatterbox"
+    model_files = ()
+    languages = {"en": "English"}
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.computed: List[str] = []  # clip file names, in order
+        self.spoken: List[Tuple[str, Any, str]] = []  # (text, conds, language)
+
+    def _find_model(self) -> Path:
+        return self._data_dir
+
+    def _load_model(self, ckpt_dir: Path) -> Any:
+        return _FakeModel()
+
+    def _compute_conditionals(self, clip: Path) -> Any:
+        import soundfile
+
+        audio, _ = soundfile.read(str(clip), dtype="float32")
+        self.computed.append(clip.name)
+        return {"voice": clip.stem, "peak": round(float(np.abs(audio).max()), 3)}
+
+    def _load_cached(self, path: Path) -> Any:
+        return json.loads(path.read_text())
+
+    def _save_cached(self, conds: Any, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(conds))
+
+    def _speak(
+        self,
+        text: str,
+        conds: Any,
+        language: str,
+        params: SamplingParams,
+        should_stop: Callable[[], bool],
+        max_tokens: int,
+    ) -> Tuple[np.ndarray, int, bool]:
+        self.spoken.append((text, conds, language))
+        return np.full(fake_samples(text), 0.1, np.float32), len(text), False
+
+
+class FakeMultilingualBackend(FakeClipBackend):
+    """Voices listed once per language, as the multilingual backend does."""
+
+    languages = {"en": "English", "de": "German", "fr": "French"}
+
+    def _voice_languages(self, wanted: Optional[Sequence[str]]) -> List[str]:
+        if not wanted:
+            return list(self.languages)
+        return [code for code in wanted if code in self.languages]
+
+    def _entry_name(self, voice: str, language: str) -> str:
+        return f"{voice}@{language}"
+
+
+def write_clip(
+    path: Path, seconds: float = 6.0, peak: float = 0.5, rate: int = 24000
+) -> Path:
+    """A speech-like clip: a voiced tone with syllable-rate loudness changes."""
+    import soundfile
+
+    t = np.arange(int(seconds * rate)) / rate
+    tone = np.sin(2 * np.pi * 140 * t) + 0.5 * np.sin(2 * np.pi * 280 * t)
+    envelope = 0.5 + 0.5 * np.sin(2 * np.pi * 4 * t) ** 2
+    audio = tone * envelope
+    audio = audio / np.abs(audio).max() * peak
+    suffix = path.suffix.lower()
+    kwargs = {"format": "MP3"} if suffix == ".mp3" else {}
+    soundfile.write(str(path), audio.astype(np.float32), rate, **kwargs)
+    return path

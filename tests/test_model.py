@@ -9,6 +9,7 @@ tokens the engine appends to every group.
 import asyncio
 import contextlib
 import hashlib
+import logging
 import os
 import shutil
 import subprocess
@@ -19,8 +20,15 @@ from typing import AsyncIterator, Iterator, List
 import numpy as np
 import pytest
 from wyoming.info import Describe, Info
-from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop
+from wyoming.tts import (
+    Synthesize,
+    SynthesizeChunk,
+    SynthesizeStart,
+    SynthesizeStop,
+    SynthesizeVoice,
+)
 
+from tests.fakes import write_clip
 from tests.wyoming_client import connect, free_port
 from wyoming_chatterbox.engine import SamplingParams, SynthesisCancelled
 from wyoming_chatterbox.sentences import split_groups
@@ -62,7 +70,7 @@ def backend(checkpoint: Path) -> Iterator:  # type: ignore[type-arg]
 def test_backend_audio_matches_generated_tokens(backend) -> None:  # type: ignore[no-untyped-def]
     for text in ["Hello there.", "The kitchen light is on, and it is 21 degrees."]:
         pieces = list(
-            backend.synthesize(text, "default", SamplingParams(), lambda: False)
+            backend.synthesize(text, "default", "en", SamplingParams(), lambda: False)
         )
         assert len(pieces) == 1
         piece = pieces[0]
@@ -80,25 +88,112 @@ def test_backend_stops_within_tokens_when_asked(backend) -> None:  # type: ignor
         return len(checks) > 1  # stop before the second token
 
     with pytest.raises(SynthesisCancelled):
-        list(backend.synthesize("Stop me.", "default", SamplingParams(), should_stop))
+        list(
+            backend.synthesize(
+                "Stop me.", "default", "en", SamplingParams(), should_stop
+            )
+        )
     assert len(checks) == 2
 
 
 def test_backend_does_not_speak_empty_text(backend) -> None:  # type: ignore[no-untyped-def]
     # Upstream's punc_norm would say "You need to add some text for me to talk."
     assert (
-        list(backend.synthesize("  ", "default", SamplingParams(), lambda: False)) == []
+        list(backend.synthesize("  ", "default", "en", SamplingParams(), lambda: False))
+        == []
     )
 
 
 def test_builtin_voice_is_not_shared_state(backend) -> None:  # type: ignore[no-untyped-def]
     assert backend._model.conds is None  # calls pass their voice's conditionals
-    gen = backend._voices["default"].gen
+    gen = backend._conds["default"][1].gen
     before = {k: (v.dtype, v.clone()) for k, v in gen.items() if hasattr(v, "dtype")}
-    list(backend.synthesize("Once more.", "default", SamplingParams(), lambda: False))
+    list(
+        backend.synthesize(
+            "Once more.", "default", "en", SamplingParams(), lambda: False
+        )
+    )
     for key, (dtype, value) in before.items():
         assert gen[key].dtype == dtype, key  # S3Gen's in-place casts hit a copy
         assert bool((gen[key] == value).all()), key
+
+
+@pytest.fixture(scope="module")
+def clip_backend(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:  # type: ignore[type-arg]
+    """The real model with a voices folder: one good clip, one silent, one short."""
+    from wyoming_chatterbox.turbo import TurboBackend
+
+    root = tmp_path_factory.mktemp("clips")
+    voices_dir = root / "voices"
+    voices_dir.mkdir()
+    write_clip(voices_dir / "alice.wav", seconds=6.0)
+    write_clip(voices_dir / "quiet.wav", seconds=6.0, peak=0.0)
+    write_clip(voices_dir / "short.wav", seconds=4.0)
+    backend = TurboBackend(checkpoint, root / "data", "cpu", voices_dir)
+    backend.load()
+    yield backend
+    backend.close()
+
+
+def test_clip_voice_is_prepared_cached_and_spoken(
+    clip_backend, checkpoint: Path, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    from wyoming_chatterbox.turbo import TurboBackend
+
+    assert [v.name for v in clip_backend.voices()] == ["default", "alice"]
+    alice = clip_backend._conds["alice"][1]
+    builtin = clip_backend._conds["default"][1]
+    assert not bool((alice.t3.speaker_emb == builtin.t3.speaker_emb).all())
+    piece = next(
+        clip_backend.synthesize(
+            "Hello from Alice.", "alice", "en", SamplingParams(), lambda: False
+        )
+    )
+    assert len(piece.audio) == SAMPLES_PER_TOKEN * (piece.tokens + SILENCE_TOKENS)
+
+    cache = list((clip_backend._data_dir / "voices").glob("turbo-*/*.pt"))
+    assert len(cache) == 1
+    again = TurboBackend(
+        checkpoint, clip_backend._data_dir, "cpu", clip_backend._library.directory
+    )
+    with caplog.at_level(logging.INFO):
+        again.load()
+    try:
+        assert "Prepared voice" not in caplog.text  # read from the cache
+        cached = again._conds["alice"][1]
+        assert bool((cached.t3.speaker_emb == alice.t3.speaker_emb).all())
+        assert bool(
+            (
+                cached.t3.cond_prompt_speech_tokens
+                == alice.t3.cond_prompt_speech_tokens
+            ).all()
+        )
+    finally:
+        again.close()
+
+
+def test_runaway_generation_stops_at_the_text_budget(
+    clip_backend, caplog: pytest.LogCaptureFixture
+) -> None:  # type: ignore[no-untyped-def]
+    import torch
+
+    from wyoming_chatterbox.backend import speech_token_budget
+
+    head = clip_backend._model.t3.speech_head
+    stop = clip_backend._model.t3.hp.stop_speech_token
+    saved = head.bias.data[stop].item()
+    head.bias.data[stop] = -1e9  # a model that never stops talking
+    try:
+        with caplog.at_level(logging.WARNING), torch.inference_mode():
+            piece = next(
+                clip_backend.synthesize(
+                    "Hi.", "default", "en", SamplingParams(), lambda: False
+                )
+            )
+    finally:
+        head.bias.data[stop] = saved
+    assert piece.tokens == speech_token_budget("Hi.") < 100
+    assert "Stopped a runaway generation" in caplog.text
 
 
 @contextlib.asynccontextmanager
@@ -142,19 +237,35 @@ def tokens_in(audio: bytes, groups: int) -> int:
     return tokens
 
 
-async def test_real_server_one_shot_and_streaming(checkpoint: Path) -> None:
+async def test_real_server_one_shot_and_streaming(
+    checkpoint: Path, tmp_path: Path
+) -> None:
     text = "Good evening. The front door is locked. All the lights are off now."
     groups = len(split_groups(text))
     assert groups == 2
-    async with real_server("--model-dir", str(checkpoint), "--device", "cpu") as port:
+    voices_dir = tmp_path / "voices"
+    voices_dir.mkdir()
+    write_clip(voices_dir / "Alice.flac")
+    async with real_server(
+        "--model-dir",
+        str(checkpoint),
+        "--device",
+        "cpu",
+        "--data-dir",
+        str(tmp_path / "data"),
+        "--voices-dir",
+        str(voices_dir),
+    ) as port:
         async with connect(port) as client:
             await client.send(Describe().event())
             event = await client.read()
             assert event is not None
             voices = Info.from_event(event).tts[0].voices
-            assert [v.name for v in voices] == ["default"]
+            assert [v.name for v in voices] == ["default", "alice"]
 
-            await client.send(Synthesize(text=text).event())
+            await client.send(
+                Synthesize(text=text, voice=SynthesizeVoice(name="alice")).event()
+            )
             one_shot = await client.read_reply(timeout=120)
             assert one_shot.compact_types() == [
                 "audio-start",
@@ -239,8 +350,21 @@ def test_startup_with_unknown_default_voice(checkpoint: Path) -> None:
     assert_one_clear_error(result, "zed", "default")
 
 
+def test_startup_with_missing_voices_dir(checkpoint: Path, tmp_path: Path) -> None:
+    result = run_cli(
+        "--model-dir", str(checkpoint), "--voices-dir", str(tmp_path / "x")
+    )
+    assert_one_clear_error(result, "--voices-dir", "not a folder")
+
+
 def test_bad_options_are_refused() -> None:
     result = run_cli("--top-p", "1.5")
     assert result.returncode == 2 and "--top-p" in result.stderr
     result = run_cli("--samples-per-chunk", "0")
     assert result.returncode == 2 and "--samples-per-chunk" in result.stderr
+    result = run_cli("--loudness", "3")
+    assert result.returncode == 2 and "--loudness" in result.stderr
+    result = run_cli("--sentence-silence", "-1")
+    assert result.returncode == 2 and "--sentence-silence" in result.stderr
+    result = run_cli("--model", "huge")
+    assert result.returncode == 2 and "--model" in result.stderr

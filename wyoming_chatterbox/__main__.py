@@ -6,6 +6,7 @@ the process with exit code 1 and one sentence saying what to do.
 
 import argparse
 import asyncio
+import dataclasses
 import logging
 import os
 import signal
@@ -18,12 +19,19 @@ from wyoming.event import async_get_stdin
 from wyoming.server import AsyncServer, HandlerFactory
 
 from . import __version__
-from .engine import EngineWorker, ModelLoadError, SamplingParams, SpeechBackend
+from .engine import (
+    EngineWorker,
+    ModelLoadError,
+    SamplingParams,
+    SpeechBackend,
+    UnknownVoice,
+)
 from .handler import ChatterboxEventHandler, ServerSettings
 
 _LOGGER = logging.getLogger(__name__)
 
 DEFAULT_URI = "tcp://0.0.0.0:10200"
+MODELS = ("turbo", "multilingual")
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "wyoming-chatterbox"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
@@ -50,11 +58,36 @@ def _float_in(
     return parse
 
 
+def _loudness(text: str) -> Optional[float]:
+    if text.lower() in ("off", "none", "0"):
+        return None
+    value = float(text)
+    if not -40.0 <= value <= -5.0:
+        raise argparse.ArgumentTypeError(
+            f"must be a loudness from -40 to -5 LUFS, or off; not {text}"
+        )
+    return value
+
+
+def _seconds(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 5.0:
+        raise argparse.ArgumentTypeError(f"must be 0 to 5 seconds, not {text}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     defaults = SamplingParams()
     parser = argparse.ArgumentParser(
         prog="wyoming_chatterbox",
         description="Wyoming text-to-speech server for Chatterbox Turbo",
+    )
+    parser.add_argument(
+        "--model",
+        choices=MODELS,
+        default="turbo",
+        help="turbo: Chatterbox Turbo, English, fastest (default); multilingual: "
+        "Chatterbox Multilingual, 23 languages",
     )
     parser.add_argument(
         "--uri",
@@ -64,14 +97,21 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--model-dir",
         type=Path,
-        help="folder with the model files; without it, ResembleAI/chatterbox-turbo "
-        "is downloaded on first run into --data-dir",
+        help="folder with the model files; without it, the model is downloaded "
+        "from Hugging Face on first run into --data-dir",
     )
     parser.add_argument(
         "--data-dir",
         type=Path,
         default=DEFAULT_DATA_DIR,
-        help=f"cache for downloaded models (default: {DEFAULT_DATA_DIR})",
+        help="downloaded models and prepared voices are kept here "
+        f"(default: {DEFAULT_DATA_DIR})",
+    )
+    parser.add_argument(
+        "--voices-dir",
+        type=Path,
+        help="folder of reference clips (wav, flac, mp3, ogg; more than 5 s): each "
+        "is a voice named after its file; rescanned on every Describe",
     )
     parser.add_argument(
         "--device",
@@ -79,7 +119,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto (CUDA if present, else CPU), cuda, cuda:N or cpu (default: auto)",
     )
     parser.add_argument(
-        "--voice", default="default", help="voice used when a request names none"
+        "--voice",
+        default="default",
+        help="voice used when a request names none (default: default, the model's "
+        "built-in voice; with multilingual e.g. default@de for German)",
+    )
+    parser.add_argument(
+        "--loudness",
+        type=_loudness,
+        default=-16.0,
+        metavar="LUFS",
+        help="bring every reply to this loudness, or 'off' (default: -16)",
+    )
+    parser.add_argument(
+        "--sentence-silence",
+        type=_seconds,
+        default=0.0,
+        metavar="SECONDS",
+        help="pause between sentence groups (default: 0)",
+    )
+    parser.add_argument(
+        "--no-text-cleanup",
+        action="store_true",
+        help="speak the text as it comes: no Markdown, emoji or URL removal and no "
+        "words for units",
     )
     parser.add_argument(
         "--samples-per-chunk",
@@ -90,26 +153,35 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--temperature",
         type=_float_in(0.0, 5.0, low_open=True),
-        default=defaults.temperature,
         help=f"sampling temperature (default: {defaults.temperature})",
     )
     parser.add_argument(
         "--top-k",
         type=int,
-        default=defaults.top_k,
-        help=f"sample among the k likeliest tokens, 0 for all (default: {defaults.top_k})",
+        help="sample among the k likeliest tokens, 0 for all "
+        f"(default: {defaults.top_k}; multilingual: 0)",
     )
     parser.add_argument(
         "--top-p",
         type=_float_in(0.0, 1.0, low_open=True),
-        default=defaults.top_p,
-        help=f"nucleus sampling mass (default: {defaults.top_p})",
+        help=f"nucleus sampling mass (default: {defaults.top_p}; multilingual: 1.0)",
     )
     parser.add_argument(
         "--repetition-penalty",
         type=_float_in(1.0, 10.0),
-        default=defaults.repetition_penalty,
-        help=f"penalty for repeated speech tokens (default: {defaults.repetition_penalty})",
+        help="penalty for repeated speech tokens "
+        f"(default: {defaults.repetition_penalty}; multilingual: 2.0)",
+    )
+    parser.add_argument(
+        "--exaggeration",
+        type=_float_in(0.0, 2.0),
+        help="multilingual only: emotion intensity (default: 0.5)",
+    )
+    parser.add_argument(
+        "--cfg-weight",
+        type=_float_in(0.0, 2.0),
+        help="multilingual only: classifier-free guidance weight; lower is slower "
+        "and calmer (default: 0.5)",
     )
     parser.add_argument(
         "--no-streaming",
@@ -163,15 +235,21 @@ async def run_server(
 ) -> None:
     """Load the model, then serve until stopped. Raises ModelLoadError."""
     server = make_server(uri)  # a bad URI fails before the slow model load
-    engine = EngineWorker(backend)
+    engine = EngineWorker(
+        backend,
+        sentence_silence=settings.sentence_silence,
+        target_lufs=settings.loudness,
+    )
     try:
         await engine.start()
         voices = [voice.name for voice in backend.voices()]
-        if settings.default_voice not in voices:
+        try:
+            backend.resolve_voice(settings.default_voice, None)
+        except UnknownVoice as err:
             raise ModelLoadError(
                 f"--voice {settings.default_voice} is not a voice of this server; "
                 f"choose one of: {', '.join(voices)}."
-            )
+            ) from err
         _LOGGER.info("Ready on %s with voices: %s", uri, ", ".join(voices))
         if on_ready is not None:
             await on_ready()
@@ -180,6 +258,19 @@ async def run_server(
         )
     finally:
         await engine.stop()
+
+
+def make_backend(args: argparse.Namespace) -> SpeechBackend:
+    # pylint: disable=import-outside-toplevel
+    if args.model == "multilingual":
+        from .multilingual import MultilingualBackend
+
+        return MultilingualBackend(
+            args.model_dir, args.data_dir, args.device, args.voices_dir
+        )
+    from .turbo import TurboBackend
+
+    return TurboBackend(args.model_dir, args.data_dir, args.device, args.voices_dir)
 
 
 def main(argv: Optional[list] = None) -> None:
@@ -194,24 +285,35 @@ def main(argv: Optional[list] = None) -> None:
     # Chatterbox's progress bars; must be set before it is imported.
     os.environ.setdefault("TQDM_DISABLE", "1")
 
-    settings = ServerSettings(
-        default_voice=args.voice,
-        params=SamplingParams(
-            temperature=args.temperature,
-            top_k=args.top_k,
-            top_p=args.top_p,
-            repetition_penalty=args.repetition_penalty,
-        ),
-        samples_per_chunk=args.samples_per_chunk,
-        streaming=not args.no_streaming,
-    )
     if args.model_dir is not None and not args.model_dir.is_dir():
         _LOGGER.error("--model-dir %s is not a folder.", args.model_dir)
         sys.exit(1)
+    if args.voices_dir is not None and not args.voices_dir.is_dir():
+        _LOGGER.error("--voices-dir %s is not a folder.", args.voices_dir)
+        sys.exit(1)
 
-    from .turbo import TurboBackend  # pylint: disable=import-outside-toplevel
-
-    backend = TurboBackend(args.model_dir, args.data_dir, args.device)
+    backend = make_backend(args)
+    overrides = {
+        name: getattr(args, name)
+        for name in (
+            "temperature",
+            "top_k",
+            "top_p",
+            "repetition_penalty",
+            "exaggeration",
+            "cfg_weight",
+        )
+        if getattr(args, name) is not None
+    }
+    settings = ServerSettings(
+        default_voice=args.voice,
+        params=dataclasses.replace(backend.default_params, **overrides),
+        samples_per_chunk=args.samples_per_chunk,
+        streaming=not args.no_streaming,
+        clean_text=not args.no_text_cleanup,
+        loudness=args.loudness,
+        sentence_silence=args.sentence_silence,
+    )
     try:
         asyncio.run(run_server(backend, settings, args.uri))
     except ModelLoadError as err:

@@ -17,10 +17,22 @@ import logging
 import threading
 from abc import ABC, abstractmethod
 from collections import deque
-from dataclasses import dataclass
-from typing import AsyncIterator, Callable, Deque, Iterator, List, Optional, Union
+from dataclasses import dataclass, field
+from typing import (
+    AsyncIterator,
+    Callable,
+    Deque,
+    Dict,
+    Iterator,
+    List,
+    Mapping,
+    Optional,
+    Union,
+)
 
 import numpy as np
+
+from .loudness import LoudnessNormalizer
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -51,6 +63,15 @@ class VoiceInfo:
     languages: List[str]
 
 
+@dataclass(frozen=True)
+class ResolvedVoice:
+    """What a request's voice name (and language) mean for the backend."""
+
+    name: str  # the backend's own voice key
+    language: str
+    params: Mapping[str, float] = field(default_factory=dict)  # per-voice settings
+
+
 @dataclass
 class Piece:
     """A piece of generated audio: float32 mono samples in [-1, 1]."""
@@ -71,10 +92,18 @@ class ModelLoadError(Exception):
     """The model could not be loaded; the text says what to do about it."""
 
 
+class UnknownVoice(Exception):
+    """A request named a voice (or language) this server does not have; the text
+    names the voices it has."""
+
+
 class SpeechBackend(ABC):
     """A text-to-speech model, driven only from the worker thread."""
 
     sample_rate: int = 24000
+    model_name: str = "Chatterbox Turbo"
+    # Sampling settings when neither the command line nor the voice sets them.
+    default_params: SamplingParams = SamplingParams()
 
     @abstractmethod
     def load(self) -> None:
@@ -84,15 +113,38 @@ class SpeechBackend(ABC):
     def voices(self) -> List[VoiceInfo]:
         """The voices this backend can speak with (available after load)."""
 
+    def resolve_voice(self, name: str, language: Optional[str]) -> ResolvedVoice:
+        """The voice a request names; raise UnknownVoice if there is none.
+
+        Called on the event loop: must be cheap. This default accepts the names
+        voices() lists, each speaking its first language.
+        """
+        voices = self.voices()
+        for voice in voices:
+            if voice.name == name:
+                return ResolvedVoice(
+                    name, voice.languages[0] if voice.languages else ""
+                )
+        raise UnknownVoice(
+            f"Unknown voice {name!r}; available voices: "
+            + ", ".join(voice.name for voice in voices)
+        )
+
     @abstractmethod
     def synthesize(
         self,
         text: str,
         voice: str,
+        language: str,
         params: SamplingParams,
         should_stop: Callable[[], bool],
     ) -> Iterator[Piece]:
         """Speak one sentence group; raise SynthesisCancelled when should_stop()."""
+
+    def background_work(self) -> bool:
+        """Do one small piece of deferred work (e.g. prepare a new voice) when the
+        worker has nothing else to do; return True if there may be more."""
+        return False
 
     def close(self) -> None:
         """Release the model."""
@@ -116,10 +168,12 @@ class SynthesisStream:
         self,
         worker: "EngineWorker",
         voice: str,
+        language: str,
         params: SamplingParams,
         loop: asyncio.AbstractEventLoop,
     ) -> None:
         self.voice = voice
+        self.language = language
         self.params = params
         self._worker = worker
         self._loop = loop
@@ -131,6 +185,9 @@ class SynthesisStream:
         self._in_flight = False
         self._failed = False
         self._ahead = 0  # groups started by the worker, not yet taken by the reader
+        # Worker thread only:
+        self._groups_done = 0
+        self._loudness: Optional[LoudnessNormalizer] = None
 
     @property
     def cancelled(self) -> bool:
@@ -173,12 +230,24 @@ class SynthesisStream:
 class EngineWorker:
     """Owns a SpeechBackend on one thread and runs its jobs."""
 
-    def __init__(self, backend: SpeechBackend, max_groups_ahead: int = 2) -> None:
+    def __init__(
+        self,
+        backend: SpeechBackend,
+        max_groups_ahead: int = 2,
+        sentence_silence: float = 0.0,
+        target_lufs: Optional[float] = None,
+    ) -> None:
         self.backend = backend
         self.max_groups_ahead = max_groups_ahead
+        self.sentence_silence = sentence_silence
+        self.target_lufs = target_lufs
+        # Last reply's loudness gain per voice: the start for a reply whose first
+        # piece is too short to measure. Worker thread only.
+        self._voice_gain: Dict[str, float] = {}
         self._cond = threading.Condition()
         self._streams: Deque[SynthesisStream] = deque()
         self._stopping = False
+        self._background_due = True  # backend.background_work may have work
         self._thread: Optional[threading.Thread] = None
         self._loaded: "Optional[asyncio.Future[None]]" = None
 
@@ -209,8 +278,19 @@ class EngineWorker:
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
-    def open_stream(self, voice: str, params: SamplingParams) -> SynthesisStream:
-        stream = SynthesisStream(self, voice, params, asyncio.get_running_loop())
+    def voices(self) -> List[VoiceInfo]:
+        """The backend's voices, after a fresh look for new ones; new voices are
+        then prepared in the background."""
+        voices = self.backend.voices()
+        self.wake()
+        return voices
+
+    def open_stream(
+        self, voice: str, params: SamplingParams, language: str = ""
+    ) -> SynthesisStream:
+        stream = SynthesisStream(
+            self, voice, language, params, asyncio.get_running_loop()
+        )
         with self._cond:
             self._streams.append(stream)
         return stream
@@ -234,6 +314,12 @@ class EngineWorker:
     def _cancel(self, stream: SynthesisStream) -> None:
         with self._cond:
             self._cancel_locked(stream)
+            self._cond.notify_all()
+
+    def wake(self) -> None:
+        """Look for work again (e.g. backend.background_work after a rescan)."""
+        with self._cond:
+            self._background_due = True
             self._cond.notify_all()
 
     def _taken(self, stream: SynthesisStream) -> None:
@@ -284,27 +370,58 @@ class EngineWorker:
             while True:
                 with self._cond:
                     stream = self._next_job_locked()
-                    while stream is None and not self._stopping:
+                    while (
+                        stream is None
+                        and not self._stopping
+                        and not self._background_due
+                    ):
                         self._cond.wait()
                         stream = self._next_job_locked()
-                    if stream is None:
+                    if stream is None and self._stopping:
                         break
-                    text = stream._pending.popleft()
-                    stream._in_flight = True
-                    stream._ahead += 1
+                    if stream is not None:
+                        text = stream._pending.popleft()
+                        stream._in_flight = True
+                        stream._ahead += 1
+                    else:
+                        self._background_due = False
+                if stream is None:
+                    # Nothing to speak: the backend's deferred work, one step.
+                    if self._background_step():
+                        with self._cond:
+                            self._background_due = True
+                    continue
                 self._run_group(stream, text)
         finally:
             self.backend.close()
 
+    def _background_step(self) -> bool:
+        """One piece of the backend's deferred work; True if there may be more."""
+        try:
+            return self.backend.background_work()
+        except Exception:  # pylint: disable=broad-except
+            _LOGGER.exception("Background work failed")
+            return False
+
     def _run_group(self, stream: SynthesisStream, text: str) -> None:
         should_stop = stream._cancel_event.is_set
         error: Optional[BaseException] = None
+        first_piece = True
         try:
             for piece in self.backend.synthesize(
-                text, stream.voice, stream.params, should_stop
+                text, stream.voice, stream.language, stream.params, should_stop
             ):
                 if should_stop():
                     break
+                if first_piece and stream._groups_done and self.sentence_silence > 0:
+                    # A pause between groups, never before the first or at the end.
+                    silence = np.zeros(
+                        int(self.sentence_silence * self.sample_rate), np.float32
+                    )
+                    with self._cond:
+                        stream._put(Piece(audio=silence))
+                first_piece = False
+                piece = self._level(stream, piece)
                 with self._cond:
                     stream._put(piece)
         except SynthesisCancelled:
@@ -315,6 +432,7 @@ class EngineWorker:
 
         with self._cond:
             stream._in_flight = False
+            stream._groups_done += 1
             if stream.cancelled:
                 return
             if error is not None:
@@ -326,3 +444,19 @@ class EngineWorker:
                 return
             stream._put(_GROUP_END)
             self._end_if_done_locked(stream)
+
+    def _level(self, stream: SynthesisStream, piece: Piece) -> Piece:
+        """Bring the piece to the target loudness with the reply's one gain."""
+        if self.target_lufs is None or piece.audio.size == 0:
+            return piece
+        if stream._loudness is None:
+            stream._loudness = LoudnessNormalizer(
+                self.sample_rate,
+                self.target_lufs,
+                initial_gain_db=self._voice_gain.get(stream.voice),
+            )
+        audio = stream._loudness.process(piece.audio)
+        gain = stream._loudness.gain_db
+        if gain is not None:
+            self._voice_gain[stream.voice] = gain
+        return Piece(audio=audio, tokens=piece.tokens)

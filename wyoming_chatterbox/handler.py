@@ -9,6 +9,7 @@ its pending work is cancelled. Nothing here touches torch.
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
@@ -35,9 +36,11 @@ from .engine import (
     EngineWorker,
     SamplingParams,
     SynthesisStream,
+    UnknownVoice,
     VoiceInfo,
 )
 from .sentences import IncrementalSplitter, split_groups
+from .text import TextCleaner
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -54,14 +57,19 @@ class ServerSettings:
     params: SamplingParams = field(default_factory=SamplingParams)
     samples_per_chunk: int = 1024
     streaming: bool = True
+    clean_text: bool = True  # strip Markdown, emoji, URLs; say units in words
+    loudness: Optional[float] = -16.0  # target LUFS of every reply; None: off
+    sentence_silence: float = 0.0  # seconds of silence between groups
 
 
-def build_info(voices: List[VoiceInfo], streaming: bool) -> Info:
+def build_info(
+    voices: List[VoiceInfo], streaming: bool, model_name: str = "Chatterbox Turbo"
+) -> Info:
     return Info(
         tts=[
             TtsProgram(
                 name="chatterbox",
-                description="Chatterbox Turbo text to speech by Resemble AI",
+                description=f"{model_name} text to speech by Resemble AI",
                 attribution=ATTRIBUTION,
                 installed=True,
                 version=__version__,
@@ -85,7 +93,13 @@ def build_info(voices: List[VoiceInfo], streaming: bool) -> Info:
 class _Reply:
     """Text of one reply on its way to the engine, and what it has produced."""
 
-    def __init__(self, stream: SynthesisStream, streaming: bool, incremental: bool):
+    def __init__(
+        self,
+        stream: SynthesisStream,
+        streaming: bool,
+        incremental: bool,
+        clean: bool = True,
+    ):
         self.stream = stream
         self.streaming = streaming
         self.chars = 0
@@ -95,15 +109,25 @@ class _Reply:
             IncrementalSplitter() if incremental else None
         )
         self._buffer: List[str] = []
+        self._cleaner: Optional[TextCleaner] = (
+            TextCleaner(stream.language) if clean else None
+        )
 
     def feed(self, text: str) -> None:
         self.chars += len(text)
+        if self._cleaner is not None:
+            text = self._cleaner.feed(text)
+        self._feed_clean(text)
+
+    def _feed_clean(self, text: str) -> None:
         if self._splitter is None:
             self._buffer.append(text)
         else:
             self._submit(self._splitter.feed(text))
 
     def finish(self) -> None:
+        if self._cleaner is not None:
+            self._feed_clean(self._cleaner.flush())
         if self._splitter is None:
             self._submit(split_groups("".join(self._buffer)))
         else:
@@ -148,7 +172,11 @@ class ChatterboxEventHandler(AsyncEventHandler):
 
     async def _handle_event(self, event: Event) -> bool:
         if Describe.is_type(event.type):
-            info = build_info(self._engine.backend.voices(), self._settings.streaming)
+            info = build_info(
+                self._engine.voices(),
+                self._settings.streaming,
+                self._engine.backend.model_name,
+            )
             await self.write_event(info.event())
             return True
 
@@ -210,22 +238,25 @@ class ChatterboxEventHandler(AsyncEventHandler):
         name = (
             voice.name if voice is not None else None
         ) or self._settings.default_voice
-        known = [v.name for v in self._engine.backend.voices()]
-        if name not in known:
+        # Wyoming sends a name or a language, never both (a name overrides the
+        # language): a language alone means the default voice in that language.
+        language = voice.language if voice is not None else None
+        try:
+            resolved = self._engine.backend.resolve_voice(name, language)
+        except UnknownVoice as err:
             _LOGGER.warning("Unknown voice requested: %r", name)
-            await self.write_event(
-                Error(
-                    text=f"Unknown voice {name!r}; available voices: {', '.join(known)}",
-                    code="unknown-voice",
-                ).event()
-            )
+            await self.write_event(Error(text=str(err), code="unknown-voice").event())
             return None
 
-        stream = self._engine.open_stream(name, self._settings.params)
+        params = dataclasses.replace(
+            self._settings.params, **resolved.params  # type: ignore[arg-type]
+        )
+        stream = self._engine.open_stream(resolved.name, params, resolved.language)
         reply = _Reply(
             stream,
             streaming=streaming,
             incremental=streaming and self._settings.streaming,
+            clean=self._settings.clean_text,
         )
         # Replies on one connection are spoken one after another, never mixed.
         previous = self._replies[-1].task if self._replies else None

@@ -14,56 +14,24 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
-from .download import MODEL_FILES, ensure_model
-from .engine import (
-    ModelLoadError,
-    Piece,
-    SamplingParams,
-    SpeechBackend,
-    SynthesisCancelled,
-    VoiceInfo,
+import numpy as np
+
+from .backend import (  # noqa: F401  (resolve_device, BUILTIN_VOICE: re-exported)
+    BUILTIN_VOICE,
+    MAX_SPEECH_TOKENS,
+    ChatterboxBackend,
+    resolve_device,
 )
+from .download import MODEL_FILES, ensure_model
+from .engine import ModelLoadError, SamplingParams, SynthesisCancelled
 
 _LOGGER = logging.getLogger(__name__)
 
-BUILTIN_VOICE = "default"
-SAMPLE_RATE = 24000
-# T3's own hard cap (tqdm(range(1000)) upstream): about 40 s of speech per group.
-MAX_SPEECH_TOKENS = 1000
 # S3Gen speech-token ids at or above this are special (start 6561, stop 6562).
 SPEECH_VOCAB_REAL = 6561
 _CONFIG_LOCK = threading.Lock()
-
-
-def resolve_device(requested: str) -> str:
-    """auto -> cuda if available, else cpu; check that a named device exists."""
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cpu":
-        return "cpu"
-    if requested == "cuda" or requested.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise ModelLoadError(
-                f"--device {requested} was asked for, but PyTorch sees no CUDA GPU "
-                "here; use --device cpu, or check the NVIDIA driver (and --gpus all "
-                "in Docker)."
-            )
-        if requested.startswith("cuda:"):
-            index_text = requested.split(":", 1)[1]
-            count = torch.cuda.device_count()
-            if not index_text.isdigit() or int(index_text) >= count:
-                raise ModelLoadError(
-                    f"--device {requested} does not exist: this machine has {count} "
-                    f"CUDA device(s), cuda:0 to cuda:{count - 1}."
-                )
-        return requested
-    raise ModelLoadError(
-        f"--device {requested} is not known; use auto, cpu, cuda or cuda:N."
-    )
 
 
 @contextlib.contextmanager
@@ -130,63 +98,39 @@ def load_turbo_model(ckpt_dir: Path, device: str) -> Any:
     return model
 
 
-class TurboBackend(SpeechBackend):
+class TurboBackend(ChatterboxBackend):
     """Chatterbox Turbo (English) on one device."""
 
-    sample_rate = SAMPLE_RATE
+    kind = "turbo"
+    model_name = "Chatterbox Turbo"
+    model_files = MODEL_FILES
+    languages = {"en": "English"}
 
-    def __init__(
-        self,
-        model_dir: Optional[Path],
-        data_dir: Path,
-        device: str = "auto",
-    ) -> None:
-        self._model_dir = model_dir
-        self._data_dir = data_dir
-        self._device_request = device
-        self.device = "cpu"
-        self._model: Any = None
-        self._voices: Dict[str, Any] = {}  # name -> Conditionals
+    def _find_model(self) -> Path:
+        return ensure_model(self._data_dir)
 
-    def load(self) -> None:
-        import torch
+    def _load_model(self, ckpt_dir: Path) -> Any:
+        return load_turbo_model(ckpt_dir, self.device)
 
-        started = time.monotonic()
-        self.device = resolve_device(self._device_request)
-        ckpt_dir = self._model_dir or ensure_model(self._data_dir)
-        try:
-            self._model = load_turbo_model(ckpt_dir, self.device)
-        except ModelLoadError:
-            raise
-        except Exception as err:
-            raise ModelLoadError(
-                f"Could not load the Chatterbox Turbo model from {ckpt_dir} "
-                f"({type(err).__name__}: {err}); the files may be damaged: delete "
-                "them to download again, or use another --model-dir."
-            ) from err
-
-        conds = self._model.conds
-        if conds is None:
-            raise ModelLoadError(
-                f"The model folder {ckpt_dir} has no conds.pt (the built-in voice); "
-                "use a complete copy of ResembleAI/chatterbox-turbo."
+    def _voice_languages(self, wanted: Optional[Sequence[str]]) -> List[str]:
+        if wanted and not any(code.lower().startswith("en") for code in wanted):
+            _LOGGER.warning(
+                "Chatterbox Turbo speaks English only, not %s; use --model "
+                "multilingual for other languages",
+                ", ".join(wanted),
             )
-        # Nothing reads the shared model.conds: every call passes its voice's own.
-        self._model.conds = None
-        self._voices[BUILTIN_VOICE] = self._prepare_voice(conds)
+        return ["en"]
 
-        if self.device.startswith("cuda"):
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
-        _LOGGER.info(
-            "Loaded Chatterbox Turbo from %s on %s in %.1f s",
-            ckpt_dir,
-            self.device,
-            time.monotonic() - started,
-        )
+    def _compute_conditionals(self, clip: Path) -> Any:
+        model = self._model
+        # The library's own steps (loudness normalisation included); its
+        # result lands in model.conds, which nothing else reads.
+        with contextlib.redirect_stdout(io.StringIO()):
+            model.prepare_conditionals(str(clip), exaggeration=0.0)
+        conds, model.conds = model.conds, None
+        return conds
 
-    def _prepare_voice(self, conds: Any) -> Any:
+    def _ready_conditionals(self, conds: Any) -> Any:
         """Precompute what T3 would otherwise cache into the conditionals on the
         first call, so that calls only read them."""
         import torch
@@ -199,48 +143,31 @@ class TurboBackend(SpeechBackend):
                 )
         return conds
 
-    def voices(self) -> List[VoiceInfo]:
-        return [
-            VoiceInfo(
-                name=BUILTIN_VOICE,
-                description="Chatterbox Turbo built-in voice",
-                languages=["en"],
-            )
-        ]
-
-    def close(self) -> None:
-        import torch
-
-        self._model = None
-        self._voices.clear()
-        if self.device.startswith("cuda"):
-            torch.cuda.empty_cache()
-
-    def synthesize(
+    def _speak(
         self,
         text: str,
-        voice: str,
+        conds: Any,
+        language: str,
         params: SamplingParams,
         should_stop: Callable[[], bool],
-    ) -> Iterator[Piece]:
+        max_tokens: int,
+    ) -> Tuple[np.ndarray, int, bool]:
         import torch
         from chatterbox.models.s3gen.const import S3GEN_SIL
         from chatterbox.tts_turbo import punc_norm
 
         model = self._model
-        conds = self._voices[voice]
-        text = text.strip()
-        if not text:
-            # punc_norm would speak a canned sentence for empty text.
-            return
-
         with torch.inference_mode():
             text_tokens = model.tokenizer(
                 punc_norm(text), return_tensors="pt", padding=True, truncation=True
             ).input_ids.to(self.device)
             started = time.monotonic()
-            speech_tokens = self._generate_speech_tokens(
-                dataclasses.replace(conds.t3), text_tokens, params, should_stop
+            speech_tokens, cut = self._generate_speech_tokens(
+                dataclasses.replace(conds.t3),
+                text_tokens,
+                params,
+                should_stop,
+                max_tokens,
             )
             t3_seconds = time.monotonic() - started
             if should_stop():
@@ -270,7 +197,7 @@ class TurboBackend(SpeechBackend):
             t3_seconds,
             len(audio) / self.sample_rate,
         )
-        yield Piece(audio=audio.astype("float32", copy=False), tokens=n_tokens)
+        return audio, n_tokens, cut
 
     def _generate_speech_tokens(
         self,
@@ -278,8 +205,10 @@ class TurboBackend(SpeechBackend):
         text_tokens: Any,
         params: SamplingParams,
         should_stop: Callable[[], bool],
-    ) -> Any:
-        """T3.inference_turbo's loop, with a stop check before every token."""
+        max_tokens: int = MAX_SPEECH_TOKENS,
+    ) -> Tuple[Any, bool]:
+        """T3.inference_turbo's loop, with a stop check before every token and
+        at most `max_tokens` tokens; also says whether that cap cut it short."""
         import torch
         import torch.nn.functional as F
         from transformers.generation.logits_process import (
@@ -318,12 +247,14 @@ class TurboBackend(SpeechBackend):
         # `history` is what the repetition penalty sees: the start token at the
         # first step, then the generated tokens only, as upstream.
         generated = torch.zeros((1, 0), dtype=torch.long, device=text_tokens.device)
-        for _ in range(MAX_SPEECH_TOKENS):
+        cut = True
+        for _ in range(min(max_tokens, MAX_SPEECH_TOKENS)):
             if should_stop():
                 raise SynthesisCancelled()
             scores = processors(history, logits[:, -1, :])
             next_token = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1)
             if int(next_token) == stop_token:
+                cut = False
                 break
             generated = torch.cat([generated, next_token], dim=1)
             history = generated
@@ -334,8 +265,4 @@ class TurboBackend(SpeechBackend):
             )
             past = outputs.past_key_values
             logits = t3.speech_head(outputs[0])
-        else:
-            _LOGGER.warning(
-                "Speech for a group reached the %s-token cap", MAX_SPEECH_TOKENS
-            )
-        return generated[0]
+        return generated[0], cut
