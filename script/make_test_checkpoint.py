@@ -3,6 +3,8 @@
 For tests and benchmarks only: no download, no real voice. The checkpoint has every
 file `ChatterboxTurboTTS.from_local` reads (ve, t3_turbo_v1, s3gen_meanflow, a GPT-2
 style tokenizer, conds.pt), so the server runs the real chatterbox code on it.
+With --multilingual it is a Chatterbox Multilingual checkpoint instead (see
+`build_multilingual`).
 
 - T3 is a tiny GPT-2 (2 layers, width 128) unless --full asks for GPT-2 medium. The
   server learns the size from the weights themselves.
@@ -149,14 +151,176 @@ def build(out: Path, full: bool) -> None:
     )
 
 
+# --- Chatterbox Multilingual ---------------------------------------------------
+# T3 is a Llama. Width 1024 is fixed: chatterbox builds the perceiver that resamples
+# the voice prompt at 1024. 14 layers and 16 heads so that the heads the alignment
+# analyzer watches (layers 9, 12, 13; heads up to 15) exist; heads 4 wide and a
+# 64-wide MLP keep it at ~39M parameters. The loader reads the head width from the
+# file's metadata.
+MTL_TINY = {
+    "num_hidden_layers": 14,
+    "num_attention_heads": 16,
+    "num_key_value_heads": 16,
+    "head_dim": 4,
+    "intermediate_size": 64,
+}
+MTL_TEXT_VOCAB = 2454
+MTL_STOP_SPEECH_TOKEN = 6562
+# Dimension 0 of every speech-token embedding is this large, so after T3's final RMS
+# norm it is about sqrt(1024) = 32 at every speech position, whatever the random
+# layers add: the speech head's column 0 then acts as the bias Llama's head lacks.
+MTL_CONSTANT_CHANNEL = 300.0
+# The built-in voice's clip. S3Gen re-encodes the voice's reference with every call
+# and runs 10 flow-matching steps over it: on 2 CPU cores a call takes ~2.5 s with a
+# 2 s reference and ~7.5 s with the 8 s one Turbo's checkpoint uses.
+MTL_VOICE_SECONDS = 2.0
+MTL_CORPUS = [
+    "Guten Morgen! Das Licht in der Küche ist an, und es sind 21 Grad.",
+    "Bonjour, la lumière du salon est éteinte. Il fait beau aujourd'hui.",
+    "Good evening. The front door is locked and all the lights are off.",
+    "Buenos días, la puerta está cerrada. ¿Quieres música?",
+    "Buongiorno, la luce della cucina è accesa. Che tempo fa?",
+    "Hallo, hoe gaat het? Het is twintig graden in de woonkamer.",
+    "Dzień dobry, światło w kuchni jest włączone. Już gotowe.",
+    "Bom dia, a porta da frente está trancada. Ótimo.",
+    "God morgon, lampan i köket är tänd. Vädret är fint.",
+    "Günaydın, mutfak ışığı açık. Hava çok güzel.",
+]
+# Character -> Cangjie code, in the format MTLTokenizer parses (a JSON list of
+# "character<TAB>code" lines); the codes are the real ones.
+MTL_CANGJIE = [
+    "你\tonf",
+    "好\tvnd",
+    "今\toin",
+    "天\tmk",
+    "很\thoav",
+    "中\tl",
+    "文\tyk",
+    "開\tanmt",
+    "燈\tfnot",
+    "我\thqi",
+]
+
+
+def write_mtl_tokenizer(out: Path) -> None:
+    """A small grapheme BPE that MTLTokenizer accepts: its special tokens, a tag per
+    language ([de], ...), the Cangjie letters ([cj_a], ...) and the characters of a
+    little lowercased, NFKD-normalised text in a few languages."""
+    import unicodedata
+
+    from chatterbox.models.tokenizers.tokenizer import SPECIAL_TOKENS
+    from chatterbox.mtl_tts import SUPPORTED_LANGUAGES
+    from tokenizers import Tokenizer, models, pre_tokenizers, trainers
+
+    specials = [
+        *SPECIAL_TOKENS,
+        *(f"[{code}]" for code in SUPPORTED_LANGUAGES),
+        *(f"[cj_{letter}]" for letter in "abcdefghijklmnopqrstuvwxyz."),
+    ]
+    tok = Tokenizer(models.BPE(unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    trainer = trainers.BpeTrainer(
+        vocab_size=600, min_frequency=1, special_tokens=specials
+    )
+    corpus = [unicodedata.normalize("NFKD", line.lower()) for line in MTL_CORPUS]
+    tok.train_from_iterator(corpus * 5, trainer)
+    assert tok.get_vocab_size() <= MTL_TEXT_VOCAB, tok.get_vocab_size()
+    tok.save(str(out / "grapheme_mtl_merged_expanded_v1.json"))
+    (out / "Cangjie5_TC.json").write_text(
+        json.dumps(MTL_CANGJIE, ensure_ascii=False), encoding="utf-8"
+    )
+
+
+def build_multilingual(out: Path, full: bool) -> None:
+    """Every file ChatterboxMultilingualTTS.from_local reads: ve.pt,
+    t3_mtl23ls_v2.safetensors (tiny Llama unless --full), s3gen.pt (S3Gen without
+    meanflow, full size: it cannot be shrunk), the grapheme tokenizer, the Cangjie
+    table and conds.pt (by the real prepare_conditionals on a 2 s synthetic clip).
+
+    The speech head lets only LIVE_SPEECH_TOKENS and the stop token through, with
+    equal logits in both CFG rows (so guidance changes nothing). The alignment
+    analyzer holds the stop token back until it thinks the text is spoken and
+    forces it when a token repeats, so a generation ends after a handful of tokens.
+    """
+    import torch
+    from chatterbox.models.s3gen import S3Gen
+    from chatterbox.models.t3 import T3
+    from chatterbox.models.t3.llama_configs import LLAMA_CONFIGS
+    from chatterbox.models.t3.modules.t3_config import T3Config
+    from chatterbox.models.voice_encoder import VoiceEncoder
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+
+    released = LLAMA_CONFIGS["Llama_520M"]
+    if not full:
+        LLAMA_CONFIGS["Llama_520M"] = dict(released, **MTL_TINY)
+    try:
+        t3 = T3(T3Config.multilingual())
+    finally:
+        LLAMA_CONFIGS["Llama_520M"] = released
+    with torch.no_grad():
+        t3.speech_emb.weight[:, 0] = MTL_CONSTANT_CHANNEL
+        t3.speech_head.weight.zero_()
+        t3.speech_head.weight[:, 0] = -1.0  # logit about -32
+        t3.speech_head.weight[LIVE_SPEECH_TOKENS, 0] = 0.0
+        t3.speech_head.weight[MTL_STOP_SPEECH_TOKEN, 0] = 0.0
+    metadata = {} if full else {"head_dim": str(MTL_TINY["head_dim"])}
+    save_file(
+        {k: v.contiguous() for k, v in t3.state_dict().items()},
+        str(out / "t3_mtl23ls_v2.safetensors"),
+        metadata=metadata,
+    )
+    del t3
+
+    torch.save(VoiceEncoder().state_dict(), out / "ve.pt")
+    s3gen = S3Gen()
+    torch.save(s3gen.state_dict(), out / "s3gen.pt")
+    del s3gen
+    write_mtl_tokenizer(out)
+
+    # The built-in voice, made by the real voice-preparation code on these weights.
+    import soundfile
+
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from wyoming_chatterbox.multilingual import load_multilingual_model
+
+    model = load_multilingual_model(out, "cpu")
+    with tempfile.TemporaryDirectory() as tmp:
+        clip = Path(tmp) / "voice.wav"
+        soundfile.write(
+            str(clip), synthetic_voice(seconds=MTL_VOICE_SECONDS), SAMPLE_RATE
+        )
+        model.prepare_conditionals(str(clip))
+    model.conds.save(out / "conds.pt")
+    print(
+        f"Wrote a random-weight {'full-size' if full else 'tiny'} Chatterbox "
+        f"Multilingual checkpoint to {out} in {time.monotonic() - started:.1f} s",
+        file=sys.stderr,
+    )
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("directory", type=Path)
     parser.add_argument(
-        "--full", action="store_true", help="full-size T3 (GPT-2 medium) for benchmarks"
+        "--full",
+        action="store_true",
+        help="full-size T3 (GPT-2 medium; the released Llama with --multilingual) "
+        "for benchmarks",
+    )
+    parser.add_argument(
+        "--multilingual",
+        action="store_true",
+        help="a Chatterbox Multilingual checkpoint (ResembleAI/chatterbox files)",
     )
     args = parser.parse_args()
-    build(args.directory, args.full)
+    if args.multilingual:
+        build_multilingual(args.directory, args.full)
+    else:
+        build(args.directory, args.full)
 
 
 if __name__ == "__main__":
