@@ -280,8 +280,11 @@ def main(argv: Optional[list] = None) -> None:
     )
     if not args.debug:
         # Library chatter that says nothing to a Home Assistant user.
+        # Some libraries log through the root logger itself (logging.info()):
+        # raise the root's level and keep ours.
         for name in ("root", "numba", "urllib3", "filelock", "httpx"):
             logging.getLogger(name).setLevel(logging.WARNING)
+        logging.getLogger("wyoming_chatterbox").setLevel(logging.INFO)
     # Chatterbox's progress bars; must be set before it is imported.
     os.environ.setdefault("TQDM_DISABLE", "1")
 
