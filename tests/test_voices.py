@@ -355,3 +355,28 @@ def test_clip_soundfile_roundtrip_sanity(tmp_path: Path) -> None:
     path = write_clip(tmp_path / "x.flac", seconds=5.5, peak=0.4)
     audio, rate = soundfile.read(str(path))
     assert rate == 24000 and abs(np.abs(audio).max() - 0.4) < 0.01
+
+
+def test_languages_a_model_cannot_speak_are_warned_once(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The real backends' language rules; listing voices needs no model.
+    from wyoming_chatterbox.multilingual import LANGUAGES, MultilingualBackend
+    from wyoming_chatterbox.turbo import TurboBackend
+
+    voices_dir = tmp_path / "voices"
+    voices_dir.mkdir()
+    write_clip(voices_dir / "anna.wav")
+    (voices_dir / "anna.json").write_text(json.dumps({"languages": ["xx", "de-AT"]}))
+    turbo = TurboBackend(None, tmp_path, "cpu", voices_dir)
+    mtl = MultilingualBackend(None, tmp_path, "cpu", voices_dir)
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            assert names(turbo.voices()) == ["default", "anna"]
+            voices = mtl.voices()
+    assert [v for v in names(voices) if v.startswith("anna")] == ["anna@de"]
+    assert len(voices) == len(LANGUAGES) + 1
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2, messages
+    assert "Turbo speaks English only, not xx, de-AT" in messages[0]
+    assert "does not speak 'xx'" in messages[1]

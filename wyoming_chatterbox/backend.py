@@ -24,7 +24,17 @@ import tempfile
 import time
 from abc import abstractmethod
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import (
+    Any,
+    Callable,
+    Dict,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Set,
+    Tuple,
+)
 
 import numpy as np
 
@@ -159,6 +169,7 @@ class ChatterboxBackend(SpeechBackend):
         # Written by the worker, read by the event loop: name -> clip signature.
         self._broken: Dict[str, Tuple[int, int]] = {}
         self._advertised: Dict[str, Tuple[str, str]] = {}  # entry -> (voice, lang)
+        self._warned: Set[str] = set()
         self._clips: Dict[str, VoiceClip] = {}
 
     # --- for subclasses (worker thread) ---
@@ -190,6 +201,13 @@ class ChatterboxBackend(SpeechBackend):
         max_tokens: int,
     ) -> Tuple[np.ndarray, int, bool]:
         """Audio, speech tokens and whether `max_tokens` cut it short."""
+
+    def _warn_once(self, message: str, *args: Any) -> None:
+        """Log a warning about settings once, not on every Describe."""
+        text = message % args
+        if text not in self._warned:
+            self._warned.add(text)
+            _LOGGER.warning("%s", text)
 
     def _voice_languages(self, wanted: Optional[Sequence[str]]) -> List[str]:
         """The languages a voice is offered in (the sidecar's, if it says)."""

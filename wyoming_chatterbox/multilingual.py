@@ -653,7 +653,7 @@ class MultilingualBackend(ChatterboxBackend):
         for code in wanted:
             language = normalise_language(code)
             if language is None:
-                _LOGGER.warning(
+                self._warn_once(
                     "Chatterbox Multilingual does not speak %r; it speaks %s",
                     code,
                     ", ".join(LANGUAGES),

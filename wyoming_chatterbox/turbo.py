@@ -114,7 +114,7 @@ class TurboBackend(ChatterboxBackend):
 
     def _voice_languages(self, wanted: Optional[Sequence[str]]) -> List[str]:
         if wanted and not any(code.lower().startswith("en") for code in wanted):
-            _LOGGER.warning(
+            self._warn_once(
                 "Chatterbox Turbo speaks English only, not %s; use --model "
                 "multilingual for other languages",
                 ", ".join(wanted),
