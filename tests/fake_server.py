@@ -20,6 +20,7 @@ def main() -> None:
     parser.add_argument("--delay", type=float, default=0.0)
     parser.add_argument("--no-streaming", action="store_true")
     parser.add_argument("--chatty", action="store_true")
+    parser.add_argument("--grace", type=float, default=5.0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
     settings = ServerSettings(
@@ -27,6 +28,7 @@ def main() -> None:
         streaming=not args.no_streaming,
         loudness=None,
         clean_text=False,
+        shutdown_grace=args.grace,
     )
     asyncio.run(
         run_server(

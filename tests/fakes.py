@@ -52,16 +52,22 @@ class FakeBackend(SpeechBackend):
         self.asked_at: List[float] = []
         self.loaded = False
         self.closed = False
+        self.loads = 0
+        self.closes = 0
         self.started = threading.Event()  # set when a group starts
 
     def load(self) -> None:
         self.loaded = True
+        self.closed = False
+        self.loads += 1
 
     def voices(self) -> List[VoiceInfo]:
         return [VoiceInfo(name="default", description="Fake voice", languages=["en"])]
 
     def close(self) -> None:
+        self.loaded = False
         self.closed = True
+        self.closes += 1
 
     def synthesize(
         self,
@@ -71,6 +77,7 @@ class FakeBackend(SpeechBackend):
         params: SamplingParams,
         should_stop: Callable[[], bool],
     ) -> Iterator[Piece]:
+        assert self.loaded, "synthesize() on an unloaded model"
         self.asked.append(text)
         self.asked_at.append(time.monotonic())
         self.started.set()

@@ -13,7 +13,8 @@ import signal
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Awaitable, Callable, Optional
+from typing import Awaitable, Callable, Optional, Set
+from urllib.parse import urlparse
 
 from wyoming.event import async_get_stdin
 from wyoming.server import AsyncServer, HandlerFactory
@@ -26,7 +27,7 @@ from .engine import (
     SpeechBackend,
     UnknownVoice,
 )
-from .handler import ChatterboxEventHandler, ServerSettings
+from .handler import ChatterboxEventHandler, Connections, ServerSettings
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -66,6 +67,13 @@ def _loudness(text: str) -> Optional[float]:
         raise argparse.ArgumentTypeError(
             f"must be a loudness from -40 to -5 LUFS, or off; not {text}"
         )
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, not {text}")
     return value
 
 
@@ -188,6 +196,19 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="do not advertise streaming; streamed text is spoken once it is complete",
     )
+    parser.add_argument(
+        "--idle-unload",
+        type=_positive_float,
+        metavar="SECONDS",
+        help="free the model's (GPU) memory after this long without requests; the "
+        "next request loads it again (default: keep it loaded)",
+    )
+    parser.add_argument(
+        "--no-warmup",
+        action="store_true",
+        help="skip the short generation after loading that makes the first "
+        "request fast",
+    )
     parser.add_argument("--debug", action="store_true", help="log DEBUG messages")
     parser.add_argument(
         "--log-format", default=LOG_FORMAT, help="format for log messages"
@@ -221,10 +242,83 @@ class StdioServer(AsyncServer):
             loop.remove_signal_handler(signal.SIGTERM)
 
 
-def make_server(uri: str) -> AsyncServer:
-    if uri.startswith("stdio://"):
-        return StdioServer()
-    return AsyncServer.from_uri(uri)
+class Listener:
+    """Accepts tcp:// or unix:// connections, each served by a handler task.
+
+    Unlike wyoming's AsyncServer (whose SIGTERM handling closes every connection
+    at once, mid-reply), stopping is in steps: stop accepting, let the handlers
+    end their replies, then close.
+    """
+
+    def __init__(self, uri: str) -> None:
+        parsed = urlparse(uri)
+        self.uri = uri
+        self._unix_path: Optional[Path] = None
+        if parsed.scheme == "tcp":
+            if parsed.hostname is None or parsed.port is None:
+                raise ValueError("a tcp:// URI needs a host and a port")
+            self.host: Optional[str] = parsed.hostname
+            self.port: Optional[int] = parsed.port
+        elif parsed.scheme == "unix":
+            self.host, self.port = None, None
+            self._unix_path = Path(parsed.path)
+        else:
+            raise ValueError("use tcp://HOST:PORT, unix://PATH or stdio://")
+        self._server: Optional[asyncio.AbstractServer] = None
+        self._tasks: "Set[asyncio.Task[None]]" = set()
+
+    async def start(self, handler_factory: HandlerFactory) -> None:
+        async def on_connect(
+            reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+        ) -> None:
+            handler = handler_factory(reader, writer)
+            task = asyncio.create_task(handler.run(), name="wyoming connection")
+            self._tasks.add(task)
+            task.add_done_callback(self._tasks.discard)
+
+        if self._unix_path is not None:
+            self._unix_path.unlink(missing_ok=True)
+            self._server = await asyncio.start_unix_server(
+                on_connect, path=str(self._unix_path)
+            )
+        else:
+            self._server = await asyncio.start_server(
+                on_connect, host=self.host, port=self.port
+            )
+
+    def stop_accepting(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._unix_path is not None:
+            self._unix_path.unlink(missing_ok=True)
+
+    async def close(self) -> None:
+        """Stop accepting and end every connection's task."""
+        self.stop_accepting()
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(list(self._tasks), timeout=2.0)
+
+
+def check_uri(uri: str) -> None:
+    """Raise ValueError for a URI the server cannot listen on."""
+    if not uri.startswith("stdio://"):
+        Listener(uri)
+
+
+async def _wait_for_stop_signal() -> None:
+    """Until SIGTERM or SIGINT (Docker's stop, Ctrl+C)."""
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    signals = (signal.SIGTERM, signal.SIGINT)
+    for signum in signals:
+        loop.add_signal_handler(signum, stop.set)
+    try:
+        await stop.wait()
+    finally:
+        for signum in signals:
+            loop.remove_signal_handler(signum)
 
 
 async def run_server(
@@ -232,14 +326,31 @@ async def run_server(
     settings: ServerSettings,
     uri: str,
     on_ready: Optional[Callable[[], Awaitable[None]]] = None,
+    stop_signal: Optional[Callable[[], Awaitable[None]]] = None,
 ) -> None:
-    """Load the model, then serve until stopped. Raises ModelLoadError."""
-    server = make_server(uri)  # a bad URI fails before the slow model load
+    """Load the model, then serve until SIGTERM/SIGINT (or until `stop_signal`
+    returns). Raises ModelLoadError.
+
+    A stop ends well: no new connections, replies in progress get
+    `settings.shutdown_grace` seconds to finish and are then cut short with an
+    audio-stop, connections close, the model is released.
+    """
+    check_uri(uri)  # a bad URI fails before the slow model load
     engine = EngineWorker(
         backend,
         sentence_silence=settings.sentence_silence,
         target_lufs=settings.loudness,
+        idle_unload=settings.idle_unload,
+        warm_up=settings.warm_up,
     )
+    connections = Connections()
+    factory = partial(
+        ChatterboxEventHandler,
+        engine=engine,
+        settings=settings,
+        connections=connections,
+    )
+    listener: Optional[Listener] = None
     try:
         await engine.start()
         voices = [voice.name for voice in backend.voices()]
@@ -250,14 +361,29 @@ async def run_server(
                 f"--voice {settings.default_voice} is not a voice of this server; "
                 f"choose one of: {', '.join(voices)}."
             ) from err
+
+        if uri.startswith("stdio://"):
+            _LOGGER.info("Ready on %s with voices: %s", uri, ", ".join(voices))
+            if on_ready is not None:
+                await on_ready()
+            await StdioServer().run(factory)
+            return
+
+        listener = Listener(uri)
+        await listener.start(factory)
         _LOGGER.info("Ready on %s with voices: %s", uri, ", ".join(voices))
         if on_ready is not None:
             await on_ready()
-        await server.run(
-            partial(ChatterboxEventHandler, engine=engine, settings=settings)
-        )
+        await (stop_signal or _wait_for_stop_signal)()
+
+        _LOGGER.info("Stopping: letting replies in progress end")
+        listener.stop_accepting()
+        await connections.drain(settings.shutdown_grace)
     finally:
+        if listener is not None:
+            await listener.close()
         await engine.stop()
+        _LOGGER.info("Stopped")
 
 
 def make_backend(args: argparse.Namespace) -> SpeechBackend:
@@ -316,6 +442,8 @@ def main(argv: Optional[list] = None) -> None:
         clean_text=not args.no_text_cleanup,
         loudness=args.loudness,
         sentence_silence=args.sentence_silence,
+        idle_unload=args.idle_unload,
+        warm_up=not args.no_warmup,
     )
     try:
         asyncio.run(run_server(backend, settings, args.uri))

@@ -383,13 +383,53 @@ class ChatterboxBackend(SpeechBackend):
                 del self._conds[name]
         return False
 
+    def warm_up(self) -> None:
+        """Speak a short sentence once: the first real request then finds the
+        kernels chosen, the caches allocated and the code paths compiled."""
+        import torch
+
+        started = time.monotonic()
+        language = next(iter(self.languages), "en")
+        for _ in self.synthesize(
+            "Hello, this is a warm-up.",
+            BUILTIN_VOICE,
+            language,
+            self.default_params,
+            lambda: False,
+        ):
+            pass
+        if self.device.startswith("cuda"):
+            _LOGGER.info(
+                "Warmed up in %.1f s; GPU memory in use: %.2f GB (peak %.2f GB)",
+                time.monotonic() - started,
+                torch.cuda.memory_allocated(self.device) / 1e9,
+                torch.cuda.max_memory_allocated(self.device) / 1e9,
+            )
+        else:
+            _LOGGER.info("Warmed up in %.1f s", time.monotonic() - started)
+
+    def gpu_memory(self) -> Optional[float]:
+        """Bytes of GPU memory PyTorch holds for the model; None off CUDA."""
+        if not self.device.startswith("cuda"):
+            return None
+        import torch
+
+        return float(torch.cuda.memory_allocated(self.device))
+
     def close(self) -> None:
+        import gc
+
         import torch
 
         self._model = None
         self._conds.clear()
+        gc.collect()  # the model's tensors may sit in reference cycles
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
+            _LOGGER.info(
+                "Model released; GPU memory in use: %.2f GB",
+                torch.cuda.memory_allocated(self.device) / 1e9,
+            )
 
     # --- voices from clips (worker thread) ---
 

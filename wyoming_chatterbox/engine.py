@@ -15,6 +15,7 @@ This module knows nothing about torch or Wyoming.
 import asyncio
 import logging
 import threading
+import time
 from abc import ABC, abstractmethod
 from collections import deque
 from dataclasses import dataclass, field
@@ -141,6 +142,9 @@ class SpeechBackend(ABC):
     ) -> Iterator[Piece]:
         """Speak one sentence group; raise SynthesisCancelled when should_stop()."""
 
+    def warm_up(self) -> None:
+        """One short generation after load, so the first request is not slow."""
+
     def background_work(self) -> bool:
         """Do one small piece of deferred work (e.g. prepare a new voice) when the
         worker has nothing else to do; return True if there may be more."""
@@ -185,6 +189,7 @@ class SynthesisStream:
         self._in_flight = False
         self._failed = False
         self._ahead = 0  # groups started by the worker, not yet taken by the reader
+        self._ended = False  # _STREAM_END was put
         # Worker thread only:
         self._groups_done = 0
         self._loudness: Optional[LoudnessNormalizer] = None
@@ -236,8 +241,17 @@ class EngineWorker:
         max_groups_ahead: int = 2,
         sentence_silence: float = 0.0,
         target_lufs: Optional[float] = None,
+        idle_unload: Optional[float] = None,
+        warm_up: bool = False,
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.backend = backend
+        self.idle_unload = idle_unload
+        self.warm_up = warm_up
+        self._clock = clock
+        self._last_active = clock()
+        # Whether the backend holds its model now (False after an idle unload).
+        self.model_loaded = False
         self.max_groups_ahead = max_groups_ahead
         self.sentence_silence = sentence_silence
         self.target_lufs = target_lufs
@@ -293,6 +307,8 @@ class EngineWorker:
         )
         with self._cond:
             self._streams.append(stream)
+            self._last_active = self._clock()
+            self._cond.notify_all()
         return stream
 
     # --- called by SynthesisStream, on the event loop ---
@@ -334,6 +350,11 @@ class EngineWorker:
         stream._pending.clear()
         if stream in self._streams:
             self._streams.remove(stream)
+            self._last_active = self._clock()
+        if not stream._ended:
+            # A reader still waiting sees the end: the audio stops where it is.
+            stream._ended = True
+            stream._put(_STREAM_END)
 
     def _end_if_done_locked(self, stream: SynthesisStream) -> None:
         if (
@@ -345,6 +366,8 @@ class EngineWorker:
         ):
             if stream in self._streams:
                 self._streams.remove(stream)
+                self._last_active = self._clock()
+            stream._ended = True
             stream._put(_STREAM_END)
 
     def _next_job_locked(self) -> Optional[SynthesisStream]:
@@ -361,6 +384,9 @@ class EngineWorker:
         loaded = self._loaded
         try:
             self.backend.load()
+            self.model_loaded = True
+            if self.warm_up:
+                self.backend.warm_up()
         except BaseException as err:  # pylint: disable=broad-except
             loop.call_soon_threadsafe(loaded.set_exception, err)
             return
@@ -368,23 +394,32 @@ class EngineWorker:
 
         try:
             while True:
+                unload = False
                 with self._cond:
-                    stream = self._next_job_locked()
-                    while (
-                        stream is None
-                        and not self._stopping
-                        and not self._background_due
-                    ):
-                        self._cond.wait()
+                    while True:
                         stream = self._next_job_locked()
+                        if stream is not None or self._stopping:
+                            break
+                        if self._background_due and self.model_loaded:
+                            break
+                        wait = self._idle_wait_locked()
+                        if wait is not None and wait <= 0:
+                            unload = True
+                            break
+                        self._cond.wait(wait)
                     if stream is None and self._stopping:
                         break
                     if stream is not None:
                         text = stream._pending.popleft()
                         stream._in_flight = True
                         stream._ahead += 1
-                    else:
+                    elif not unload:
                         self._background_due = False
+                if unload:
+                    self._unload()
+                    continue
+                if stream is not None and not self.model_loaded:
+                    self._reload()
                 if stream is None:
                     # Nothing to speak: the backend's deferred work, one step.
                     if self._background_step():
@@ -394,6 +429,39 @@ class EngineWorker:
                 self._run_group(stream, text)
         finally:
             self.backend.close()
+
+    def _idle_wait_locked(self) -> Optional[float]:
+        """Seconds until an idle unload is due; None when none is."""
+        if self.idle_unload is None or not self.model_loaded or self._streams:
+            return None
+        return self._last_active + self.idle_unload - self._clock()
+
+    def _unload(self) -> None:
+        _LOGGER.info(
+            "Idle for %.0f s: unloading the model to free its memory", self.idle_unload
+        )
+        self.model_loaded = False
+        try:
+            self.backend.close()
+        except Exception:  # pylint: disable=broad-except
+            _LOGGER.exception("Unloading the model failed")
+
+    def _reload(self) -> None:
+        """Load the model again for a request; a failure fails that group."""
+        _LOGGER.info("A request came after an idle unload: loading the model again")
+        started = self._clock()
+        try:
+            self.backend.load()
+        except Exception:  # pylint: disable=broad-except
+            _LOGGER.exception("Loading the model again failed")
+            return
+        self.model_loaded = True
+        _LOGGER.info("Model back in %.1f s", self._clock() - started)
+
+    def queue_depth(self) -> int:
+        """Sentence groups waiting for the model, over all streams."""
+        with self._cond:
+            return sum(len(stream._pending) for stream in self._streams)
 
     def _background_step(self) -> bool:
         """One piece of the backend's deferred work; True if there may be more."""
@@ -408,6 +476,8 @@ class EngineWorker:
         error: Optional[BaseException] = None
         first_piece = True
         try:
+            if not self.model_loaded:
+                raise EngineError("the model could not be loaded again; see the log")
             for piece in self.backend.synthesize(
                 text, stream.voice, stream.language, stream.params, should_stop
             ):
@@ -433,6 +503,7 @@ class EngineWorker:
         with self._cond:
             stream._in_flight = False
             stream._groups_done += 1
+            self._last_active = self._clock()
             if stream.cancelled:
                 return
             if error is not None:

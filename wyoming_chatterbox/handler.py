@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import List, Optional
+from typing import Callable, List, Optional, Set
 
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.error import Error
@@ -60,6 +60,9 @@ class ServerSettings:
     clean_text: bool = True  # strip Markdown, emoji, URLs; say units in words
     loudness: Optional[float] = -16.0  # target LUFS of every reply; None: off
     sentence_silence: float = 0.0  # seconds of silence between groups
+    idle_unload: Optional[float] = None  # seconds idle before freeing the model
+    warm_up: bool = False  # one short generation before listening
+    shutdown_grace: float = 5.0  # seconds replies get to finish on SIGTERM
 
 
 def build_info(
@@ -140,6 +143,36 @@ class _Reply:
             self.stream.add_group(group)
 
 
+class Connections:
+    """The server's open connections, so that a shutdown can end them well."""
+
+    def __init__(self) -> None:
+        self.handlers: "Set[ChatterboxEventHandler]" = set()
+        self.draining = False
+        self.on_reply: Optional[Callable[[ReplyRecord], None]] = None
+
+    async def drain(self, grace: float) -> None:
+        """Let replies in progress finish for up to `grace` seconds, cut the rest
+        short (their audio ends with audio-stop), then close every connection."""
+        self.draining = True
+        handlers = list(self.handlers)
+        await asyncio.gather(*(handler.drain(grace) for handler in handlers))
+
+
+@dataclass(frozen=True)
+class ReplyRecord:
+    """What one reply did: for the log line and the metrics."""
+
+    outcome: str  # done, cancelled, failed
+    voice: str
+    language: str
+    chars: int
+    groups: int
+    first_audio: Optional[float]  # seconds from request to first audio chunk
+    total: float
+    audio: float  # seconds of audio sent
+
+
 class ChatterboxEventHandler(AsyncEventHandler):
     """Speaks Synthesize requests and streams with the engine."""
 
@@ -150,12 +183,31 @@ class ChatterboxEventHandler(AsyncEventHandler):
         *,
         engine: EngineWorker,
         settings: ServerSettings,
+        connections: Optional[Connections] = None,
     ) -> None:
         super().__init__(reader, writer)
         self._engine = engine
         self._settings = settings
+        self._connections = connections or Connections()
+        self._connections.handlers.add(self)
         self._stream_reply: Optional[_Reply] = None  # an open synthesize-start
         self._replies: List[_Reply] = []  # replies whose task has not ended
+
+    async def drain(self, grace: float) -> None:
+        """Part of a shutdown: see Connections.drain."""
+        if self._stream_reply is not None:
+            # The rest of the text will not be waited for.
+            self._stream_reply.finish()
+            self._stream_reply = None
+        tasks = [reply.task for reply in self._replies if reply.task is not None]
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=grace)
+            if pending:
+                for reply in list(self._replies):
+                    reply.stream.cancel()
+                await asyncio.wait(pending, timeout=2.0)
+        with contextlib.suppress(Exception):
+            await self.stop()
 
     async def handle_event(self, event: Event) -> bool:
         try:
@@ -171,6 +223,17 @@ class ChatterboxEventHandler(AsyncEventHandler):
             return False
 
     async def _handle_event(self, event: Event) -> bool:
+        if self._connections.draining and (
+            Synthesize.is_type(event.type) or SynthesizeStart.is_type(event.type)
+        ):
+            # Replies already under way on this connection still finish.
+            await self.write_event(
+                Error(
+                    text="The server is shutting down; try again in a moment.",
+                    code="shutting-down",
+                ).event()
+            )
+            return True
         if Describe.is_type(event.type):
             info = build_info(
                 self._engine.voices(),
@@ -224,6 +287,7 @@ class ChatterboxEventHandler(AsyncEventHandler):
 
     async def disconnect(self) -> None:
         """The client left (Home Assistant's way to stop): abandon all its work."""
+        self._connections.handlers.discard(self)
         current = asyncio.current_task()
         for reply in list(self._replies):
             reply.stream.cancel()
@@ -297,7 +361,8 @@ class ChatterboxEventHandler(AsyncEventHandler):
             await self.write_event(AudioStop(timestamp=samples * 1000 // rate).event())
             if reply.streaming:
                 await self.write_event(SynthesizeStopped().event())
-            outcome = "done"
+            # Cut short by a shutdown, the audio still ends with audio-stop.
+            outcome = "cancelled" if reply.stream.cancelled else "done"
         except EngineError as err:
             outcome = "failed"
             with contextlib.suppress(ConnectionError, RuntimeError):
@@ -311,17 +376,33 @@ class ChatterboxEventHandler(AsyncEventHandler):
         finally:
             reply.stream.cancel()
             self._replies.remove(reply)
-            total = time.monotonic() - started
-            audio_seconds = samples / rate
-            _LOGGER.info(
-                "Reply %s: voice=%s chars=%s groups=%s first_audio=%s total=%.2fs "
-                "audio=%.2fs rtf=%s",
-                outcome,
-                reply.stream.voice,
-                reply.chars,
-                reply.groups,
-                f"{first_audio - started:.3f}s" if first_audio else "-",
-                total,
-                audio_seconds,
-                f"{total / audio_seconds:.2f}" if audio_seconds else "-",
+            record = ReplyRecord(
+                outcome=outcome,
+                voice=reply.stream.voice,
+                language=reply.stream.language,
+                chars=reply.chars,
+                groups=reply.groups,
+                first_audio=first_audio - started if first_audio else None,
+                total=time.monotonic() - started,
+                audio=samples / rate,
             )
+            log_reply(record)
+            if self._connections.on_reply is not None:
+                self._connections.on_reply(record)
+
+
+def log_reply(record: ReplyRecord) -> None:
+    """One line per reply, with what a user tuning the server wants to know."""
+    _LOGGER.info(
+        "Reply %s: voice=%s language=%s chars=%s groups=%s first_audio=%s "
+        "total=%.2fs audio=%.2fs rtf=%s",
+        record.outcome,
+        record.voice,
+        record.language,
+        record.chars,
+        record.groups,
+        f"{record.first_audio:.3f}s" if record.first_audio is not None else "-",
+        record.total,
+        record.audio,
+        f"{record.total / record.audio:.2f}" if record.audio else "-",
+    )
