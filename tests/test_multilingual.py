@@ -583,17 +583,24 @@ async def test_server_offers_each_voice_per_language(
             assert "anna@en" not in voices
 
             for voice in [SynthesizeVoice(name="anna@de"), None]:
-                await client.send(Synthesize(text="Hallo!", voice=voice).event())
-                reply = await client.read_reply(timeout=120)
-                assert reply.compact_types() == [
-                    "audio-start",
-                    "audio-chunk",
-                    "audio-stop",
-                ]
-                samples = len(reply.audio) // 2
-                # Whole speech tokens, give or take the half frame an odd-length
-                # reference can add or remove.
-                assert samples > 0 and samples % (SAMPLES_PER_TOKEN // 2) == 0
+                # The test model may sample its stop token first (about one
+                # time in nine): an empty reply. Three tries make that rare.
+                lengths = []
+                for _ in range(3):
+                    await client.send(Synthesize(text="Hallo!", voice=voice).event())
+                    reply = await client.read_reply(timeout=120)
+                    assert reply.compact_types() in (
+                        ["audio-start", "audio-chunk", "audio-stop"],
+                        ["audio-start", "audio-stop"],
+                    )
+                    samples = len(reply.audio) // 2
+                    # Whole speech tokens, give or take the half frame an
+                    # odd-length reference can add or remove.
+                    assert samples % (SAMPLES_PER_TOKEN // 2) == 0
+                    lengths.append(samples)
+                    if samples:
+                        break
+                assert max(lengths) > 0
     cached = list((tmp_path / "data" / "voices").glob("multilingual-*/*.pt"))
     assert len(cached) == 1
 
