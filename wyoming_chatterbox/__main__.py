@@ -13,7 +13,7 @@ import signal
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Awaitable, Callable, Optional, Set
+from typing import Awaitable, Callable, Optional, Set, Tuple
 from urllib.parse import urlparse
 
 from wyoming.event import async_get_stdin
@@ -27,7 +27,8 @@ from .engine import (
     SpeechBackend,
     UnknownVoice,
 )
-from .handler import ChatterboxEventHandler, Connections, ServerSettings
+from .handler import ChatterboxEventHandler, Connections, ReplyRecord, ServerSettings
+from .metrics import Metrics, MetricsServer, MetricsServerError, start_metrics_server
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -67,6 +68,13 @@ def _loudness(text: str) -> Optional[float]:
         raise argparse.ArgumentTypeError(
             f"must be a loudness from -40 to -5 LUFS, or off; not {text}"
         )
+    return value
+
+
+def _port(text: str) -> int:
+    value = int(text)
+    if not 1 <= value <= 65535:
+        raise argparse.ArgumentTypeError(f"must be a port from 1 to 65535, not {text}")
     return value
 
 
@@ -209,6 +217,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="skip the short generation after loading that makes the first "
         "request fast",
     )
+    parser.add_argument(
+        "--metrics-port",
+        type=_port,
+        metavar="PORT",
+        help="serve Prometheus metrics on http://HOST:PORT/metrics (default: off)",
+    )
+    parser.add_argument(
+        "--metrics-host",
+        default="0.0.0.0",
+        help="address for --metrics-port (default: 0.0.0.0, all interfaces)",
+    )
     parser.add_argument("--debug", action="store_true", help="log DEBUG messages")
     parser.add_argument(
         "--log-format", default=LOG_FORMAT, help="format for log messages"
@@ -327,6 +346,8 @@ async def run_server(
     uri: str,
     on_ready: Optional[Callable[[], Awaitable[None]]] = None,
     stop_signal: Optional[Callable[[], Awaitable[None]]] = None,
+    metrics: Optional[Metrics] = None,
+    metrics_address: Optional[Tuple[str, int]] = None,
 ) -> None:
     """Load the model, then serve until SIGTERM/SIGINT (or until `stop_signal`
     returns). Raises ModelLoadError.
@@ -351,7 +372,15 @@ async def run_server(
         connections=connections,
     )
     listener: Optional[Listener] = None
+    metrics_server: Optional[MetricsServer] = None
     try:
+        if metrics is not None:
+            _watch(metrics, engine, connections)
+            if metrics_address is not None:
+                # Before the slow load: a taken port fails at once, and a scrape
+                # shows the model loading.
+                metrics_server = await start_metrics_server(metrics, *metrics_address)
+                _LOGGER.info("Prometheus metrics on %s", metrics_server.url)
         await engine.start()
         voices = [voice.name for voice in backend.voices()]
         try:
@@ -383,7 +412,36 @@ async def run_server(
         if listener is not None:
             await listener.close()
         await engine.stop()
+        if metrics_server is not None:
+            await metrics_server.close()
         _LOGGER.info("Stopped")
+
+
+def _watch(metrics: Metrics, engine: EngineWorker, connections: Connections) -> None:
+    """Feed the metrics: replies as they end, the rest read at scrape time."""
+    metrics.set_model_name(engine.backend.model_name)
+
+    def on_reply(record: ReplyRecord) -> None:
+        metrics.reply_finished(
+            outcome=record.outcome,
+            first_audio_s=record.first_audio,
+            total_s=record.total,
+            audio_s=record.audio,
+            chars=record.chars,
+            groups=record.groups,
+            voice=record.voice,
+        )
+
+    def on_scrape() -> None:
+        metrics.set_queue_depth(engine.queue_depth())
+        metrics.set_model_loaded(engine.model_loaded)
+        metrics.set_active_replies(connections.active_replies())
+
+    connections.on_reply = on_reply
+    metrics.add_scrape_hook(on_scrape)
+    gpu_memory = getattr(engine.backend, "gpu_memory", None)
+    if gpu_memory is not None:
+        metrics.set_gpu_memory_callback(gpu_memory)
 
 
 def make_backend(args: argparse.Namespace) -> SpeechBackend:
@@ -445,10 +503,27 @@ def main(argv: Optional[list] = None) -> None:
         idle_unload=args.idle_unload,
         warm_up=not args.no_warmup,
     )
+    metrics = Metrics() if args.metrics_port is not None else None
+    metrics_address = (
+        (args.metrics_host, args.metrics_port)
+        if args.metrics_port is not None
+        else None
+    )
     try:
-        asyncio.run(run_server(backend, settings, args.uri))
+        asyncio.run(
+            run_server(
+                backend,
+                settings,
+                args.uri,
+                metrics=metrics,
+                metrics_address=metrics_address,
+            )
+        )
     except ModelLoadError as err:
         _LOGGER.error("%s", err)
+        sys.exit(1)
+    except MetricsServerError as err:
+        _LOGGER.error("--metrics-port %s: %s", args.metrics_port, err)
         sys.exit(1)
     except ValueError as err:  # a malformed --uri
         _LOGGER.error("--uri %s: %s", args.uri, err)

@@ -158,12 +158,22 @@ class Connections:
         handlers = list(self.handlers)
         await asyncio.gather(*(handler.drain(grace) for handler in handlers))
 
+    def active_replies(self) -> int:
+        """Replies being spoken or waiting their turn, over all connections."""
+        return sum(len(handler._replies) for handler in list(self.handlers))
+
+    def rejected(self, voice: str, chars: int) -> None:
+        """A request refused before any work (e.g. an unknown voice)."""
+        record = ReplyRecord("rejected", voice, "", chars, 0, None, 0.0, 0.0)
+        if self.on_reply is not None:
+            self.on_reply(record)
+
 
 @dataclass(frozen=True)
 class ReplyRecord:
     """What one reply did: for the log line and the metrics."""
 
-    outcome: str  # done, cancelled, failed
+    outcome: str  # done, cancelled, failed, rejected
     voice: str
     language: str
     chars: int
@@ -309,6 +319,7 @@ class ChatterboxEventHandler(AsyncEventHandler):
             resolved = self._engine.backend.resolve_voice(name, language)
         except UnknownVoice as err:
             _LOGGER.warning("Unknown voice requested: %r", name)
+            self._connections.rejected(name, 0)
             await self.write_event(Error(text=str(err), code="unknown-voice").event())
             return None
 
