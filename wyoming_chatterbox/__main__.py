@@ -30,7 +30,8 @@ from .engine import (
 from .handler import ChatterboxEventHandler, Connections, ReplyRecord, ServerSettings
 from .metrics import Metrics, MetricsServer, MetricsServerError, start_metrics_server
 
-_LOGGER = logging.getLogger(__name__)
+# Not __name__: under `python -m` that is "__main__", outside our logger tree.
+_LOGGER = logging.getLogger("wyoming_chatterbox.main")
 
 DEFAULT_URI = "tcp://0.0.0.0:10200"
 MODELS = ("turbo", "multilingual")
