@@ -368,3 +368,19 @@ def test_bad_options_are_refused() -> None:
     assert result.returncode == 2 and "--sentence-silence" in result.stderr
     result = run_cli("--model", "huge")
     assert result.returncode == 2 and "--model" in result.stderr
+
+
+def test_unload_and_reload_keeps_the_voices(clip_backend, caplog) -> None:  # type: ignore[no-untyped-def]
+    # What --idle-unload does to the real backend: close(), later load() again.
+    clip_backend.close()
+    assert clip_backend._model is None and clip_backend._conds == {}
+    assert [v.name for v in clip_backend.voices()] == ["default", "alice"]
+    with caplog.at_level(logging.INFO):
+        clip_backend.load()
+    assert "Prepared voice" not in caplog.text  # the clip came from the disk cache
+    piece = next(
+        clip_backend.synthesize(
+            "Back again.", "alice", "en", SamplingParams(), lambda: False
+        )
+    )
+    assert len(piece.audio) == SAMPLES_PER_TOKEN * (piece.tokens + SILENCE_TOKENS)
