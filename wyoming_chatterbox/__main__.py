@@ -6,6 +6,7 @@ the process with exit code 1 and one sentence saying what to do.
 
 import argparse
 import asyncio
+import contextlib
 import dataclasses
 import logging
 import os
@@ -20,6 +21,7 @@ from wyoming.event import async_get_stdin
 from wyoming.server import AsyncServer, HandlerFactory
 
 from . import __version__
+from .discovery import ZeroconfAdvertiser, advertised_address, default_service_name
 from .engine import (
     EngineWorker,
     ModelLoadError,
@@ -219,6 +221,20 @@ def build_parser() -> argparse.ArgumentParser:
         "request fast",
     )
     parser.add_argument(
+        "--zeroconf",
+        nargs="?",
+        const="",
+        metavar="NAME",
+        help="announce the server to Home Assistant via zeroconf (mDNS) as NAME "
+        f"(default: {default_service_name()}); tcp:// only",
+    )
+    parser.add_argument(
+        "--zeroconf-host",
+        metavar="IP",
+        help="address to announce instead of the detected one, e.g. the host's LAN "
+        "address when running in Docker (implies --zeroconf)",
+    )
+    parser.add_argument(
         "--metrics-port",
         type=_port,
         metavar="PORT",
@@ -349,6 +365,7 @@ async def run_server(
     stop_signal: Optional[Callable[[], Awaitable[None]]] = None,
     metrics: Optional[Metrics] = None,
     metrics_address: Optional[Tuple[str, int]] = None,
+    advertiser: Optional[ZeroconfAdvertiser] = None,
 ) -> None:
     """Load the model, then serve until SIGTERM/SIGINT (or until `stop_signal`
     returns). Raises ModelLoadError.
@@ -374,6 +391,7 @@ async def run_server(
     )
     listener: Optional[Listener] = None
     metrics_server: Optional[MetricsServer] = None
+    advertising: "Optional[asyncio.Task[None]]" = None
     try:
         if metrics is not None:
             _watch(metrics, engine, connections)
@@ -402,20 +420,61 @@ async def run_server(
         listener = Listener(uri)
         await listener.start(factory)
         _LOGGER.info("Ready on %s with voices: %s", uri, ", ".join(voices))
+        if advertiser is not None:
+            # Only now: Home Assistant connects as soon as it sees the service.
+            advertising = asyncio.create_task(_advertise(advertiser))
         if on_ready is not None:
             await on_ready()
         await (stop_signal or _wait_for_stop_signal)()
 
         _LOGGER.info("Stopping: letting replies in progress end")
+        await _withdraw(advertising, advertiser)
         listener.stop_accepting()
         await connections.drain(settings.shutdown_grace)
     finally:
+        await _withdraw(advertising, advertiser)
         if listener is not None:
             await listener.close()
         await engine.stop()
         if metrics_server is not None:
             await metrics_server.close()
         _LOGGER.info("Stopped")
+
+
+async def _advertise(advertiser: ZeroconfAdvertiser) -> None:
+    try:
+        await advertiser.start()
+    except OSError as err:
+        _LOGGER.error(
+            "Zeroconf discovery is off (%s); add the server in Home Assistant by "
+            "host and port",
+            err,
+        )
+
+
+async def _withdraw(
+    advertising: "Optional[asyncio.Task[None]]",
+    advertiser: Optional[ZeroconfAdvertiser],
+) -> None:
+    if advertising is not None:
+        advertising.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await advertising
+    if advertiser is not None:
+        await advertiser.stop()
+
+
+def make_advertiser(args: argparse.Namespace) -> Optional[ZeroconfAdvertiser]:
+    """The zeroconf announcement --zeroconf asks for; ValueError if impossible."""
+    if args.zeroconf is None and args.zeroconf_host is None:
+        return None
+    uri = urlparse(args.uri)
+    if uri.scheme != "tcp" or uri.port is None:
+        raise ValueError(f"--zeroconf needs a tcp:// --uri, not {args.uri}")
+    address = advertised_address(uri.hostname or "", args.zeroconf_host)
+    return ZeroconfAdvertiser(
+        args.zeroconf or default_service_name(), uri.port, address
+    )
 
 
 def _watch(metrics: Metrics, engine: EngineWorker, connections: Connections) -> None:
@@ -480,6 +539,11 @@ def main(argv: Optional[list] = None) -> None:
         _LOGGER.error("--voices-dir %s is not a folder.", args.voices_dir)
         sys.exit(1)
 
+    try:
+        advertiser = make_advertiser(args)  # a bad --zeroconf-host fails at once
+    except ValueError as err:
+        _LOGGER.error("%s", err)
+        sys.exit(1)
     backend = make_backend(args)
     overrides = {
         name: getattr(args, name)
@@ -518,6 +582,7 @@ def main(argv: Optional[list] = None) -> None:
                 args.uri,
                 metrics=metrics,
                 metrics_address=metrics_address,
+                advertiser=advertiser,
             )
         )
     except ModelLoadError as err:
