@@ -235,3 +235,16 @@ async def test_sigterm_ends_replies_and_exits_zero() -> None:
         if process.returncode is None:
             process.kill()
             await process.wait()
+
+
+async def test_idle_time_counts_from_ready_not_from_start(serve_backend) -> None:
+    class SlowLoad(FakeBackend):
+        def load(self) -> None:
+            time.sleep(0.5)  # longer than the idle time
+            super().load()
+
+    backend = SlowLoad()
+    async with serve_backend(backend, settings(idle_unload=0.3)):
+        await asyncio.sleep(0.15)
+        assert backend.closes == 0  # not unloaded at once
+        await wait_until(lambda: backend.closes == 1)

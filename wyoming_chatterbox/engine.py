@@ -390,6 +390,8 @@ class EngineWorker:
         except BaseException as err:  # pylint: disable=broad-except
             loop.call_soon_threadsafe(loaded.set_exception, err)
             return
+        with self._cond:
+            self._last_active = self._clock()  # idle counts from now, not from start
         loop.call_soon_threadsafe(loaded.set_result, None)
 
         try:
@@ -456,6 +458,8 @@ class EngineWorker:
             _LOGGER.exception("Loading the model again failed")
             return
         self.model_loaded = True
+        with self._cond:
+            self._last_active = self._clock()
         _LOGGER.info("Model back in %.1f s", self._clock() - started)
 
     def queue_depth(self) -> int:
