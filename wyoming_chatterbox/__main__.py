@@ -17,7 +17,8 @@ from pathlib import Path
 from typing import Awaitable, Callable, Optional, Set, Tuple
 from urllib.parse import urlparse
 
-from wyoming.event import async_get_stdin
+from wyoming.error import Error
+from wyoming.event import async_get_stdin, async_write_event
 from wyoming.server import AsyncServer, HandlerFactory
 
 from . import __version__
@@ -30,12 +31,15 @@ from .engine import (
     UnknownVoice,
 )
 from .handler import ChatterboxEventHandler, Connections, ReplyRecord, ServerSettings
+from .limits import DEFAULT_IDLE_TIMEOUT, DEFAULT_MAX_TEXT_CHARS
 from .metrics import Metrics, MetricsServer, MetricsServerError, start_metrics_server
 
 # Not __name__: under `python -m` that is "__main__", outside our logger tree.
 _LOGGER = logging.getLogger("wyoming_chatterbox.main")
 
 DEFAULT_URI = "tcp://0.0.0.0:10200"
+# Home Assistant opens one connection per request; satellites add a few each.
+DEFAULT_MAX_CONNECTIONS = 64
 MODELS = ("turbo", "multilingual")
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "wyoming-chatterbox"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -245,6 +249,30 @@ def build_parser() -> argparse.ArgumentParser:
         default="0.0.0.0",
         help="address for --metrics-port (default: 0.0.0.0, all interfaces)",
     )
+    parser.add_argument(
+        "--max-connections",
+        type=_positive_int,
+        default=DEFAULT_MAX_CONNECTIONS,
+        metavar="N",
+        help="connections served at once; more get a too-many-connections error "
+        f"(default: {DEFAULT_MAX_CONNECTIONS})",
+    )
+    parser.add_argument(
+        "--max-text-chars",
+        type=_positive_int,
+        default=DEFAULT_MAX_TEXT_CHARS,
+        metavar="N",
+        help="longest text of one reply; longer ones get a text-too-long error "
+        f"(default: {DEFAULT_MAX_TEXT_CHARS}, about 20 minutes of speech)",
+    )
+    parser.add_argument(
+        "--idle-timeout",
+        type=_positive_float,
+        default=DEFAULT_IDLE_TIMEOUT,
+        metavar="SECONDS",
+        help="close a connection that sends nothing with no reply in progress, or "
+        f"reads none of its audio, for this long (default: {DEFAULT_IDLE_TIMEOUT:g})",
+    )
     parser.add_argument("--debug", action="store_true", help="log DEBUG messages")
     parser.add_argument(
         "--log-format", default=LOG_FORMAT, help="format for log messages"
@@ -286,9 +314,10 @@ class Listener:
     end their replies, then close.
     """
 
-    def __init__(self, uri: str) -> None:
+    def __init__(self, uri: str, max_connections: Optional[int] = None) -> None:
         parsed = urlparse(uri)
         self.uri = uri
+        self.max_connections = max_connections
         self._unix_path: Optional[Path] = None
         if parsed.scheme == "tcp":
             if parsed.hostname is None or parsed.port is None:
@@ -307,6 +336,12 @@ class Listener:
         async def on_connect(
             reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         ) -> None:
+            if (
+                self.max_connections is not None
+                and len(self._tasks) >= self.max_connections
+            ):
+                await _turn_away(writer, self.max_connections)
+                return
             handler = handler_factory(reader, writer)
             task = asyncio.create_task(handler.run(), name="wyoming connection")
             self._tasks.add(task)
@@ -335,6 +370,22 @@ class Listener:
             task.cancel()
         if self._tasks:
             await asyncio.wait(list(self._tasks), timeout=2.0)
+
+
+async def _turn_away(writer: asyncio.StreamWriter, limit: int) -> None:
+    """One connection too many: say so, and close it."""
+    _LOGGER.warning(
+        "Refused a connection from %s: %s connections already open",
+        writer.get_extra_info("peername"),
+        limit,
+    )
+    error = Error(
+        text=f"The server is busy: {limit} connections are open (--max-connections)",
+        code="too-many-connections",
+    )
+    with contextlib.suppress(Exception):
+        await asyncio.wait_for(async_write_event(error.event(), writer), 1.0)
+    writer.close()
 
 
 def check_uri(uri: str) -> None:
@@ -417,7 +468,7 @@ async def run_server(
             await StdioServer().run(factory)
             return
 
-        listener = Listener(uri)
+        listener = Listener(uri, settings.max_connections)
         await listener.start(factory)
         _LOGGER.info("Ready on %s with voices: %s", uri, ", ".join(voices))
         if advertiser is not None:
@@ -567,6 +618,9 @@ def main(argv: Optional[list] = None) -> None:
         sentence_silence=args.sentence_silence,
         idle_unload=args.idle_unload,
         warm_up=not args.no_warmup,
+        idle_timeout=args.idle_timeout,
+        max_text_chars=args.max_text_chars,
+        max_connections=args.max_connections,
     )
     metrics = Metrics() if args.metrics_port is not None else None
     metrics_address = (

@@ -39,6 +39,19 @@ from .engine import (
     UnknownVoice,
     VoiceInfo,
 )
+from .limits import (
+    DEFAULT_IDLE_TIMEOUT,
+    DEFAULT_MAX_TEXT_CHARS,
+    LINGER_SECONDS,
+    MAX_REPLIES_PER_CONNECTION,
+    IdleTimeout,
+    ProtocolViolation,
+    check_text_length,
+    data_cap,
+    deadline,
+    linger,
+    next_event,
+)
 from .sentences import IncrementalSplitter, split_groups
 from .text import TextCleaner
 
@@ -63,6 +76,11 @@ class ServerSettings:
     idle_unload: Optional[float] = None  # seconds idle before freeing the model
     warm_up: bool = False  # one short generation before listening
     shutdown_grace: float = 5.0  # seconds replies get to finish on SIGTERM
+    # Sockets only (not stdio://): close a connection silent this long with no
+    # reply in progress, or that reads none of its audio this long; None: never.
+    idle_timeout: Optional[float] = DEFAULT_IDLE_TIMEOUT
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS  # per reply; more: text-too-long
+    max_connections: Optional[int] = 64  # served at once; more are turned away
 
 
 def build_info(
@@ -102,8 +120,10 @@ class _Reply:
         streaming: bool,
         incremental: bool,
         clean: bool = True,
+        max_chars: Optional[int] = None,
     ):
         self.stream = stream
+        self.max_chars = max_chars
         self.streaming = streaming
         self.chars = 0
         self.groups = 0
@@ -117,6 +137,10 @@ class _Reply:
         )
 
     def feed(self, text: str) -> None:
+        """Raises TextTooLong, with nothing of `text` queued, past max_chars."""
+        if not isinstance(text, str):
+            raise TypeError(f"text must be a string, not {type(text).__name__}")
+        check_text_length(self.chars + len(text), self.max_chars)
         self.chars += len(text)
         if self._cleaner is not None:
             text = self._cleaner.feed(text)
@@ -139,6 +163,8 @@ class _Reply:
 
     def _submit(self, groups: List[str]) -> None:
         for group in groups:
+            if not any(char.isalnum() for char in group):
+                continue  # "...", "?!", a lone emoji: nothing a voice can say
             self.groups += 1
             self.stream.add_group(group)
 
@@ -202,6 +228,98 @@ class ChatterboxEventHandler(AsyncEventHandler):
         self._connections.handlers.add(self)
         self._stream_reply: Optional[_Reply] = None  # an open synthesize-start
         self._replies: List[_Reply] = []  # replies whose task has not ended
+
+    async def run(self) -> None:
+        """AsyncEventHandler.run, hardened against what any LAN device may send.
+
+        Events are read with caps (wyoming_chatterbox.limits); what breaks the
+        protocol, or a reply's text over the limit, is answered with an error event
+        naming the problem, its pending work is cancelled and the connection closed.
+        A socket silent for `idle_timeout` with no reply in progress is closed, and
+        one that reads none of its audio for as long is dropped (write_event).
+        """
+        self._is_running = True
+        idle = self._idle_timeout()
+        caps = {"max_data": data_cap(self._settings.max_text_chars)}
+        close_on_client = False  # the server ends it: let the last events arrive
+        try:
+            while self._is_running:
+                try:
+                    event = await next_event(self.reader, idle, self._busy, **caps)
+                    if event is None:
+                        break
+                    self._check_queue(event)
+                    if not await self.handle_event(event):
+                        close_on_client = True
+                        break
+                except (ProtocolViolation, IdleTimeout) as err:
+                    await self._refuse(err)
+                    close_on_client = True
+                    break
+        except ConnectionError as err:
+            _LOGGER.debug("Connection lost: %s", err)
+        except Exception:  # pylint: disable=broad-except
+            _LOGGER.exception("Unexpected error on a connection; closing it")
+        finally:
+            await self.disconnect()
+            try:
+                if close_on_client and self._is_running:
+                    await linger(self.reader, self.writer)
+            finally:
+                self.writer.close()
+
+    async def write_event(self, event: Event) -> None:
+        """A socket client that reads nothing for `idle_timeout` while audio waits
+        for it is gone: ConnectionResetError, and the connection is dropped."""
+        timeout = self._idle_timeout()
+        try:
+            # Inline, not wait_for: a task per write could reorder the events.
+            async with deadline(timeout):
+                await super().write_event(event)
+        except asyncio.TimeoutError:
+            self.writer.transport.abort()
+            raise ConnectionResetError(
+                f"the client read nothing for {timeout} seconds"
+            ) from None
+
+    def _idle_timeout(self) -> Optional[float]:
+        if self.writer.get_extra_info("socket") is None:
+            return None  # stdio://: one parent process, silent as long as it likes
+        return self._settings.idle_timeout or None
+
+    def _busy(self) -> "List[asyncio.Task[None]]":
+        return [reply.task for reply in self._replies if reply.task is not None]
+
+    def _check_queue(self, event: Event) -> None:
+        """Refuse a new reply when this connection already has many waiting."""
+        opens = SynthesizeStart.is_type(event.type) or (
+            Synthesize.is_type(event.type) and self._stream_reply is None
+        )
+        if opens and len(self._replies) >= MAX_REPLIES_PER_CONNECTION:
+            raise ProtocolViolation(
+                f"Too many replies: {len(self._replies)} are already waiting on this "
+                f"connection (at most {MAX_REPLIES_PER_CONNECTION}); wait for their "
+                "audio before sending more",
+                "too-many-requests",
+            )
+
+    async def _refuse(self, err: Exception) -> None:
+        """Cancel this connection's work, then say why it is being closed."""
+        peer = self.writer.get_extra_info("peername")
+        if isinstance(err, IdleTimeout):
+            _LOGGER.debug("Closing idle connection %s", peer)
+            code = "idle-timeout"
+        else:
+            _LOGGER.warning("Refused a request from %s: %s", peer, err)
+            code = getattr(err, "code", "bad-request")
+        await self.disconnect()  # no audio of a cancelled reply after the error
+        error = Error(text=str(err), code=code).event()
+        with contextlib.suppress(
+            ConnectionError, RuntimeError, OSError, asyncio.TimeoutError
+        ):
+            # A client that does not read cannot hold the connection open.
+            async with deadline(LINGER_SECONDS):
+                await self.write_event(error)
 
     async def drain(self, grace: float) -> None:
         """Part of a shutdown: see Connections.drain."""
@@ -332,6 +450,7 @@ class ChatterboxEventHandler(AsyncEventHandler):
             streaming=streaming,
             incremental=streaming and self._settings.streaming,
             clean=self._settings.clean_text,
+            max_chars=self._settings.max_text_chars,
         )
         # Replies on one connection are spoken one after another, never mixed.
         previous = self._replies[-1].task if self._replies else None

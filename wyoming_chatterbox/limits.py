@@ -1,0 +1,359 @@
+"""What one client may make the server do: reading events with caps, idle time.
+
+A Wyoming server on a LAN reads whatever any device sends. wyoming's own
+`async_read_event` trusts the header: `payload_length` 10**12 makes it wait for (and
+buffer) a terabyte, a header that is not a JSON object ends the connection task
+with an exception, and a client that connects and says nothing holds its socket
+forever. Here every length is checked before anything is read, nothing larger than
+the caps is ever buffered, and what is refused raises ProtocolViolation, whose
+message and code the handler sends back as an `error` event before it closes.
+
+The caps:
+
+- header line, 64 KiB: asyncio's default StreamReader limit, so the most that
+  wyoming's own reader (readline) ever accepted; a header as wyoming writes it is
+  about 100 bytes (type, version, data_length, payload_length).
+- extra data, 1 MiB (more if a larger text limit asks for it, see `data_cap`): the
+  text of a reply travels here, and a text of the longest allowed reply must get
+  through in any JSON spelling (an emoji written as two \\u escapes is 12 bytes
+  for one character), so that a too-long text is refused with the clearer
+  "text-too-long", naming the text limit, rather than with "too-large".
+- payload, 1 MiB: a TTS server needs no payload from a client at all (audio
+  chunks a client may send are ignored); Wyoming audio chunks are a few KiB.
+- text of one reply, DEFAULT_MAX_TEXT_CHARS characters, and replies waiting on
+  one connection, MAX_REPLIES_PER_CONNECTION: see there.
+"""
+
+import asyncio
+import contextlib
+import json
+import re
+from typing import Any, Callable, Optional, Sequence, cast
+
+from wyoming.event import Event
+
+MAX_HEADER_BYTES = 64 * 1024
+MAX_DATA_BYTES = 1024 * 1024
+MAX_PAYLOAD_BYTES = 1024 * 1024
+
+# Speech runs at about 15 characters a second (150 words a minute), so 20,000
+# characters are some 20 minutes of audio, and as long for the one model worker.
+# Home Assistant's notifications and announcements are a sentence or two, and an
+# LLM's spoken reply a few hundred to about 2,000 characters: ten times the
+# longest real reply, while a single request cannot keep the model busy for hours.
+DEFAULT_MAX_TEXT_CHARS = 20_000
+
+# Seconds without a complete event, while no reply is in progress, after which a
+# connection is closed; and seconds a client may leave its audio unread. Home
+# Assistant opens a connection per request, sends it at once and reads the audio
+# as it comes; what stays silent or stalled this long is a dead peer or a probe.
+DEFAULT_IDLE_TIMEOUT = 60.0
+
+# Replies queued on one connection (each spoken after the one before). Home
+# Assistant sends one per connection; without a bound, a client pipelining
+# synthesize events would queue text (and engine work) without end.
+MAX_REPLIES_PER_CONNECTION = 16
+
+# After an error the server closes the connection. Closing a socket with unread
+# input makes the kernel send a reset, which can destroy the error event on its
+# way; so the server first half-closes and drops what still comes, this much.
+LINGER_BYTES = 256 * 1024
+LINGER_SECONDS = 1.0
+
+# An astral character's JSON escape is a surrogate pair: 12 bytes.
+_MAX_JSON_BYTES_PER_CHAR = 12
+
+# A \u escape of a surrogate: the only way a lone surrogate (text that cannot be
+# UTF-8) gets into a str that json.loads returns from valid UTF-8.
+_SURROGATE_ESCAPE = re.compile(r"\\u[dD][89a-fA-F]")
+
+_TYPE = "type"
+_DATA = "data"
+_DATA_LENGTH = "data_length"
+_PAYLOAD_LENGTH = "payload_length"
+
+
+class ProtocolViolation(Exception):
+    """What a client sent is not a Wyoming event this server accepts.
+
+    str(err) says what was wrong for a person; `code` is short, for the `error`
+    event: "bad-request" (malformed) or "too-large" (over a cap).
+    """
+
+    code = "bad-request"
+
+    def __init__(self, message: str, code: Optional[str] = None) -> None:
+        super().__init__(message)
+        if code is not None:
+            self.code = code
+
+
+class TextTooLong(ProtocolViolation):
+    """A reply's text went over the server's limit (counted as it arrives)."""
+
+    code = "text-too-long"
+
+    def __init__(self, chars: int, limit: int) -> None:
+        super().__init__(
+            f"Text too long: this reply has {chars} characters and the limit is "
+            f"{limit} characters per reply; send a shorter text"
+        )
+        self.chars = chars
+        self.limit = limit
+
+
+class IdleTimeout(Exception):
+    """No event came for the idle timeout while the connection had nothing to do."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(
+            f"No event for {seconds:g} seconds while idle: closing the connection"
+        )
+        self.seconds = seconds
+
+
+def check_text_length(chars: int, limit: Optional[int]) -> None:
+    """Raise TextTooLong if a reply of `chars` characters is over `limit`."""
+    if limit is not None and chars > limit:
+        raise TextTooLong(chars, limit)
+
+
+def data_cap(max_text_chars: Optional[int]) -> int:
+    """The extra-data cap that lets a text of `max_text_chars` through."""
+    if max_text_chars is None:
+        return MAX_DATA_BYTES
+    return max(MAX_DATA_BYTES, _MAX_JSON_BYTES_PER_CHAR * max_text_chars + 64 * 1024)
+
+
+def deadline(seconds: Optional[float]) -> "contextlib.AbstractAsyncContextManager[Any]":
+    """asyncio.timeout(seconds): asyncio.TimeoutError once they have passed, in the
+    task itself (wait_for runs the awaitable as a task of its own, which can reorder
+    writes). Python 3.10 has no asyncio.timeout: there, no deadline."""
+    timeout = getattr(asyncio, "timeout", None)
+    if seconds is None or timeout is None:
+        return contextlib.nullcontext()
+    return cast("contextlib.AbstractAsyncContextManager[Any]", timeout(seconds))
+
+
+async def read_event_capped(
+    reader: asyncio.StreamReader,
+    *,
+    max_header: int = MAX_HEADER_BYTES,
+    max_data: int = MAX_DATA_BYTES,
+    max_payload: int = MAX_PAYLOAD_BYTES,
+) -> Optional[Event]:
+    """One event, as wyoming's async_read_event reads it; None at end of input.
+
+    A JSON header line (its "data" object, if any, merged with `data_length` bytes
+    of extra data, a JSON object) and `payload_length` bytes of payload. Raises
+    ProtocolViolation for anything else, and for a header, data or payload over
+    its cap: both lengths are checked before either is read, and the header line
+    is read in pieces of at most the reader's limit, so no more than the caps is
+    ever held. Input that ends in the middle of an event is the end of input.
+    """
+    line = await _read_line(reader, max_header)
+    if line is None:
+        return None
+    header = _parse_json(line, "header")
+    if not isinstance(header, dict):
+        raise ProtocolViolation(
+            f"The event header must be a JSON object, not {_json_kind(header)}"
+        )
+    event_type = header.get(_TYPE)
+    if not isinstance(event_type, str):
+        raise ProtocolViolation('The event header has no "type" string')
+    data = header.get(_DATA)
+    if data is None:
+        data = {}
+    elif not isinstance(data, dict):
+        raise ProtocolViolation(
+            f'The "data" of a {event_type} event must be a JSON object, '
+            f"not {_json_kind(data)}"
+        )
+    data_length = _length(header, _DATA_LENGTH, max_data)
+    payload_length = _length(header, _PAYLOAD_LENGTH, max_payload)
+
+    try:
+        if data_length > 0:
+            extra = _parse_json(await reader.readexactly(data_length), "data")
+            if not isinstance(extra, dict):
+                raise ProtocolViolation(
+                    f"The data of a {event_type} event must be a JSON object, "
+                    f"not {_json_kind(extra)}"
+                )
+            data.update(extra)
+        payload: Optional[bytes] = None
+        if payload_length > 0:
+            payload = await reader.readexactly(payload_length)
+    except asyncio.IncompleteReadError:
+        return None  # the client left in the middle of an event
+    return Event(type=event_type, data=data, payload=payload)
+
+
+async def next_event(
+    reader: asyncio.StreamReader,
+    idle_timeout: Optional[float],
+    busy: Callable[[], "Sequence[asyncio.Future[Any]]"],
+    **caps: int,
+) -> Optional[Event]:
+    """read_event_capped, but raise IdleTimeout after `idle_timeout` seconds
+    without a complete event during which `busy()` (the replies in progress) was
+    empty. A client listening to a long reply is silent, and is not idle.
+    """
+    read = asyncio.ensure_future(read_event_capped(reader, **caps))
+    if not idle_timeout:
+        return await read
+    loop = asyncio.get_running_loop()
+    idle_since = loop.time()
+    try:
+        while not read.done():
+            working = [task for task in busy() if not task.done()]
+            if working:
+                await asyncio.wait(
+                    [read, *working], return_when=asyncio.FIRST_COMPLETED
+                )
+                idle_since = loop.time()
+                continue
+            left = idle_since + idle_timeout - loop.time()
+            if left <= 0:
+                raise IdleTimeout(idle_timeout)
+            await asyncio.wait([read], timeout=left)
+        return read.result()
+    finally:
+        if not read.done():
+            read.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await read
+
+
+async def linger(
+    reader: asyncio.StreamReader,
+    writer: asyncio.StreamWriter,
+    max_bytes: int = LINGER_BYTES,
+    timeout: float = LINGER_SECONDS,
+) -> None:
+    """Before closing a socket on the client: send end-of-file after what was
+    written, and drop what the client still sends (bounded), so that the close does
+    not become a reset that loses the last events. Sockets only; never raises."""
+    if writer.get_extra_info("socket") is None or writer.is_closing():
+        return
+
+    async def drop() -> None:
+        left = max_bytes
+        while left > 0:
+            chunk = await reader.read(min(64 * 1024, left))
+            if not chunk:
+                return
+            left -= len(chunk)
+
+    with contextlib.suppress(Exception):
+        if not writer.can_write_eof():
+            return
+        writer.write_eof()
+        await asyncio.wait_for(drop(), timeout)
+
+
+async def _read_line(reader: asyncio.StreamReader, limit: int) -> Optional[bytes]:
+    """A line of at most `limit` bytes (newline not counted); None at end of input.
+
+    readline() cannot be used: over the reader's limit it throws the buffer away
+    and raises a ValueError that cannot be told from other ones. readuntil() keeps
+    the buffer and says how much of it has no newline; that part is taken, at most
+    `limit` in all, and the search goes on. A last line without a newline at end
+    of input is returned, as readline() does.
+    """
+    parts = bytearray()
+    while True:
+        try:
+            chunk = await reader.readuntil(b"\n")
+        except asyncio.IncompleteReadError as err:
+            parts += err.partial
+            if len(parts) > limit:
+                raise _header_too_long(limit) from None
+            return bytes(parts) if parts else None
+        except asyncio.LimitOverrunError as err:
+            if err.consumed <= 0 or len(parts) + err.consumed > limit:
+                raise _header_too_long(limit) from None
+            parts += await reader.readexactly(err.consumed)
+            continue
+        if len(parts) + len(chunk) - 1 > limit:
+            raise _header_too_long(limit)
+        if not parts:
+            return chunk
+        parts += chunk
+        return bytes(parts)
+
+
+def _header_too_long(limit: int) -> ProtocolViolation:
+    return ProtocolViolation(
+        f"The event header line is longer than {limit} bytes (or has no newline)",
+        "too-large",
+    )
+
+
+def _length(header: "dict[str, Any]", key: str, cap: int) -> int:
+    value = header.get(key)
+    if value is None:
+        return 0
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ProtocolViolation(f"{key} must be a whole number, not {value!r:.40}")
+    if value < 0:
+        raise ProtocolViolation(f"{key} must not be negative ({value})")
+    if value > cap:
+        raise ProtocolViolation(
+            f"{key} {value} is more than this server accepts ({cap} bytes)",
+            "too-large",
+        )
+    return value
+
+
+def _parse_json(raw: bytes, what: str) -> Any:
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        raise ProtocolViolation(
+            f"The event {what} is not valid UTF-8 (byte {err.start})"
+        ) from None
+    try:
+        value = json.loads(text)
+    except RecursionError:
+        raise ProtocolViolation(f"The event {what} is nested too deeply") from None
+    except ValueError as err:
+        raise ProtocolViolation(f"The event {what} is not valid JSON: {err}") from None
+    if _SURROGATE_ESCAPE.search(text) and _has_lone_surrogate(value):
+        raise ProtocolViolation(
+            f"The event {what} has a \\u escape of a lone surrogate, which is not "
+            "valid UTF-8 text"
+        )
+    return value
+
+
+def _has_lone_surrogate(value: Any) -> bool:
+    stack = [value]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, str):
+            try:
+                item.encode("utf-8")
+            except UnicodeEncodeError:
+                return True
+        elif isinstance(item, dict):
+            stack.extend(item.keys())
+            stack.extend(item.values())
+        elif isinstance(item, list):
+            stack.extend(item)
+    return False
+
+
+def _json_kind(value: Any) -> str:
+    if isinstance(value, list):
+        return "an array"
+    if isinstance(value, str):
+        return "a string"
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, (int, float)):
+        return "a number"
+    return "an object"
