@@ -24,6 +24,7 @@ from wyoming.server import AsyncServer, HandlerFactory
 from . import __version__
 from .discovery import ZeroconfAdvertiser, advertised_address, default_service_name
 from .engine import (
+    EngineDied,
     EngineWorker,
     ModelLoadError,
     SamplingParams,
@@ -476,7 +477,16 @@ async def run_server(
             advertising = asyncio.create_task(_advertise(advertiser))
         if on_ready is not None:
             await on_ready()
-        await (stop_signal or _wait_for_stop_signal)()
+        stopping = asyncio.ensure_future((stop_signal or _wait_for_stop_signal)())
+        dying = asyncio.ensure_future(engine.died())
+        await asyncio.wait([stopping, dying], return_when=asyncio.FIRST_COMPLETED)
+        stopping.cancel()
+        dying.cancel()
+        if dying.done() and not dying.cancelled():
+            await _withdraw(advertising, advertiser)
+            listener.stop_accepting()
+            await connections.drain(1.0)  # their replies have failed already
+            raise EngineDied(f"the speech engine stopped: {dying.result()}")
 
         _LOGGER.info("Stopping: letting replies in progress end")
         await _withdraw(advertising, advertiser)
@@ -644,6 +654,9 @@ def main(argv: Optional[list] = None) -> None:
         sys.exit(1)
     except MetricsServerError as err:
         _LOGGER.error("--metrics-port %s: %s", args.metrics_port, err)
+        sys.exit(1)
+    except EngineDied as err:
+        _LOGGER.error("Exiting: %s (a supervisor such as Docker restarts it)", err)
         sys.exit(1)
     except ValueError as err:  # a malformed --uri
         _LOGGER.error("--uri %s: %s", args.uri, err)

@@ -89,6 +89,10 @@ class EngineError(Exception):
     """Synthesis failed; the text is safe to show to the client."""
 
 
+class EngineDied(Exception):
+    """The model's worker thread died; the server cannot speak any more."""
+
+
 class ModelLoadError(Exception):
     """The model could not be loaded; the text says what to do about it."""
 
@@ -264,6 +268,7 @@ class EngineWorker:
         self._background_due = True  # backend.background_work may have work
         self._thread: Optional[threading.Thread] = None
         self._loaded: "Optional[asyncio.Future[None]]" = None
+        self._died: "Optional[asyncio.Future[BaseException]]" = None
 
     @property
     def sample_rate(self) -> int:
@@ -276,11 +281,22 @@ class EngineWorker:
         """
         loop = asyncio.get_running_loop()
         self._loaded = loop.create_future()
+        self._died = loop.create_future()
         self._thread = threading.Thread(
             target=self._run, args=(loop,), name="chatterbox-worker", daemon=True
         )
         self._thread.start()
         await self._loaded
+
+    def _set_died(self, err: BaseException) -> None:
+        if self._died is not None and not self._died.done():
+            self._died.set_result(err)
+
+    async def died(self) -> BaseException:
+        """Returns (the error) only if the worker thread dies; then the process
+        should exit non-zero for its supervisor to restart it."""
+        assert self._died is not None, "start() first"
+        return await asyncio.shield(self._died)
 
     async def stop(self) -> None:
         """Cancel every stream, stop the thread and release the model."""
@@ -429,6 +445,16 @@ class EngineWorker:
                             self._background_due = True
                     continue
                 self._run_group(stream, text)
+        except BaseException as err:  # pylint: disable=broad-except
+            # A bug, not a synthesis failure (those end only their stream): no
+            # stream can be served any more, so say so to all and to the server.
+            _LOGGER.critical("The model worker died", exc_info=True)
+            with self._cond:
+                for stream in list(self._streams):
+                    stream._failed = True
+                    stream._put(EngineError(f"The speech engine stopped: {err}"))
+                self._streams.clear()
+            loop.call_soon_threadsafe(self._set_died, err)
         finally:
             self.backend.close()
 
