@@ -384,3 +384,46 @@ def test_unload_and_reload_keeps_the_voices(clip_backend, caplog) -> None:  # ty
         )
     )
     assert len(piece.audio) == SAMPLES_PER_TOKEN * (piece.tokens + SILENCE_TOKENS)
+
+
+async def test_real_engine_under_concurrent_clients(checkpoint: Path) -> None:
+    """Issue 6's load test at a small scale with the real model: every reply
+    complete and made of whole speech tokens, Describe answered throughout."""
+    texts = [f"Client number {i} asks about the lights." for i in range(4)]
+    async with real_server(
+        "--model-dir", str(checkpoint), "--device", "cpu", "--no-warmup"
+    ) as port:
+
+        async def one(i: int) -> bytes:
+            async with connect(port) as client:
+                if i % 2:
+                    await client.send(SynthesizeStart().event())
+                    await client.send(SynthesizeChunk(text=texts[i]).event())
+                    await client.send(SynthesizeStop().event())
+                else:
+                    await client.send(Synthesize(text=texts[i]).event())
+                reply = await client.read_reply(streaming=bool(i % 2), timeout=120)
+                return reply.audio
+
+        describe_times: List[float] = []
+        done = asyncio.Event()
+
+        async def describer() -> None:
+            async with connect(port) as client:
+                while not done.is_set():
+                    started = asyncio.get_running_loop().time()
+                    await client.send(Describe().event())
+                    assert await client.read(timeout=10) is not None
+                    describe_times.append(asyncio.get_running_loop().time() - started)
+                    await asyncio.sleep(0.05)
+
+        watcher = asyncio.create_task(describer())
+        audios = await asyncio.gather(*(one(i) for i in range(4)))
+        done.set()
+        await watcher
+    for audio in audios:
+        tokens_in(audio, 1)
+    print(
+        f"\nDescribe during real-engine load: max {max(describe_times) * 1000:.0f} ms"
+    )
+    assert describe_times and max(describe_times) < 1.0  # never behind the model
