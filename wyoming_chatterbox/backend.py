@@ -45,6 +45,8 @@ BUILTIN_VOICE = "default"
 SAMPLE_RATE = 24000
 # T3's own cap (range(1000) upstream): about 40 s of speech per group.
 MAX_SPEECH_TOKENS = 1000
+# Speech-token ids at or above this are special to S3Gen (start 6561, stop 6562).
+SPEECH_VOCAB_REAL = 6561
 SPEECH_TOKENS_PER_SECOND = 25
 # A clip whose loudest sample is below this is silence (-54 dBFS).
 SILENT_PEAK = 0.002

@@ -40,7 +40,12 @@ from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tupl
 
 import numpy as np
 
-from .backend import ChatterboxBackend
+from .backend import (
+    MAX_SPEECH_TOKENS,
+    SAMPLE_RATE,
+    SPEECH_VOCAB_REAL,
+    ChatterboxBackend,
+)
 from .download import ensure_model
 from .engine import ModelLoadError, SamplingParams, SynthesisCancelled
 
@@ -63,13 +68,8 @@ MODEL_FILES = (
     BUILTIN_VOICE_FILE,
 )
 
-SAMPLE_RATE = 24000
 # S3Gen makes 960 samples (40 ms at 24 kHz) per speech token.
 SAMPLES_PER_TOKEN = 960
-# Upstream generate's max_new_tokens: about 40 s of speech per call.
-MAX_SPEECH_TOKENS = 1000
-# Speech-token ids at or above this are special (start 6561, stop 6562, ...).
-SPEECH_VOCAB_REAL = 6561
 # Upstream's alignment analyzer needs more text tokens than this (start and stop
 # tokens included).
 ANALYZER_MIN_TEXT_TOKENS = 8
@@ -612,8 +612,7 @@ def _speech_tokens(
                 use_cache=True,
             )
             past = output.past_key_values
-    if truncated:
-        _LOGGER.warning("Speech for a group reached the %s-token budget", budget)
+    # A cut is logged once, by the backend, with the text it was for.
     return generated[0, 1:], truncated
 
 

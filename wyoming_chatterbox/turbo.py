@@ -18,19 +18,12 @@ from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .backend import (  # noqa: F401  (resolve_device, BUILTIN_VOICE: re-exported)
-    BUILTIN_VOICE,
-    MAX_SPEECH_TOKENS,
-    ChatterboxBackend,
-    resolve_device,
-)
+from .backend import MAX_SPEECH_TOKENS, SPEECH_VOCAB_REAL, ChatterboxBackend
 from .download import MODEL_FILES, ensure_model
 from .engine import ModelLoadError, SamplingParams, SynthesisCancelled
 
 _LOGGER = logging.getLogger(__name__)
 
-# S3Gen speech-token ids at or above this are special (start 6561, stop 6562).
-SPEECH_VOCAB_REAL = 6561
 _CONFIG_LOCK = threading.Lock()
 
 
