@@ -306,8 +306,9 @@ async def test_streamed_text_over_the_cap_is_cut_when_it_crosses(serve) -> None:
         assert error is not None and error.code == "text-too-long"
         assert str(CAP) in error.text
         assert str((accepted + 1) * len(STREAM_CHUNK)) in error.text
+        # Whether the worker had started on the accepted text before the error
+        # cancelled it is a race; that nothing past the cap reached it is not.
         asked = hostile_asked(server.backend)
-        assert asked, "the accepted text was being spoken"
         assert sum(map(len, asked)) <= accepted * len(STREAM_CHUNK) <= CAP
 
 
