@@ -1,6 +1,7 @@
 """The worker: order, fairness, bounded look-ahead, cancellation, failures."""
 
 import asyncio
+import threading
 import time
 from typing import List
 
@@ -8,7 +9,13 @@ import numpy as np
 import pytest
 
 from tests.fakes import FakeBackend, fake_samples
-from wyoming_chatterbox.engine import EngineError, EngineWorker, SamplingParams
+from wyoming_chatterbox.engine import (
+    EngineError,
+    EngineWorker,
+    Piece,
+    SamplingParams,
+    SynthesisCancelled,
+)
 
 PARAMS = SamplingParams()
 
@@ -114,3 +121,114 @@ async def test_load_failure_is_raised_by_start() -> None:
 
     with pytest.raises(RuntimeError, match="no model here"):
         await EngineWorker(Broken()).start()
+
+
+class PiecewiseBackend(FakeBackend):
+    """Speaks each group in `pieces` pieces of `piece_seconds` of audio, taking
+    `delay` seconds per piece; records (text, piece index) as it makes them and
+    which groups were closed, and on what thread."""
+
+    def __init__(self, pieces: int, piece_seconds: float, delay: float) -> None:
+        super().__init__()
+        self.pieces = pieces
+        self.piece_seconds = piece_seconds
+        self.piece_delay = delay
+        self.made: List[tuple] = []
+        self.closed_groups: List[tuple] = []
+
+    def synthesize(self, text, voice, language, params, should_stop):  # type: ignore[no-untyped-def]
+        self.asked.append(text)
+        self.started.set()
+        made = 0
+        try:
+            for index in range(self.pieces):
+                deadline = time.monotonic() + self.piece_delay
+                while time.monotonic() < deadline:
+                    if should_stop():
+                        raise SynthesisCancelled()
+                    time.sleep(0.001)
+                self.made.append((text, index))
+                made += 1
+                samples = int(self.piece_seconds * self.sample_rate)
+                yield Piece(audio=np.full(samples, 0.1, np.float32))
+        finally:
+            self.closed_groups.append((text, made, threading.current_thread().name))
+
+
+async def test_a_short_reply_is_not_starved_by_a_long_group() -> None:
+    # One long group of 20 pieces, then a short reply arrives: its piece is made
+    # after at most a piece or two of the long one, not after all 20.
+    backend = PiecewiseBackend(pieces=20, piece_seconds=0.5, delay=0.02)
+    worker = await started_worker(backend)
+    long = worker.open_stream("default", PARAMS)
+    long.add_group("long")
+    long.close()
+    reader = asyncio.ensure_future(collect(long))
+    while len(backend.made) < 3:
+        await asyncio.sleep(0.005)
+    short = worker.open_stream("default", PARAMS)
+    short.add_group("short")
+    short.close()
+    await asyncio.wait_for(collect(short), 5)
+    first_short = backend.made.index(("short", 0))
+    assert first_short <= 6, backend.made
+    assert len(await asyncio.wait_for(reader, 5)) == 20
+    # Every piece of each group, in order.
+    assert [i for t, i in backend.made if t == "long"] == list(range(20))
+    await worker.stop()
+
+
+async def test_the_reply_whose_listener_runs_dry_first_goes_first() -> None:
+    # a has 5 s of audio buffered after its first piece; b has 0.05 s per piece:
+    # b's pieces go before a's second.
+    backend = PiecewiseBackend(pieces=3, piece_seconds=0.05, delay=0.01)
+    worker = await started_worker(backend)
+    backend.piece_seconds = 5.0
+    a = worker.open_stream("default", PARAMS)
+    a.add_group("a")
+    a.close()
+    reader = asyncio.ensure_future(collect(a))
+    while not backend.made:
+        await asyncio.sleep(0.001)
+    backend.piece_seconds = 0.05
+    b = worker.open_stream("default", PARAMS)
+    b.add_group("b")
+    b.close()
+    await asyncio.wait_for(asyncio.gather(reader, collect(b)), 5)
+    order = [t for t, _ in backend.made]
+    assert order.index("b") < 3 and order[-1] == "a", backend.made
+    assert order.count("b") == 3 and order.count("a") == 3
+    await worker.stop()
+
+
+async def test_cancel_closes_a_half_spoken_group_on_the_worker_thread() -> None:
+    backend = PiecewiseBackend(pieces=50, piece_seconds=0.1, delay=0.01)
+    worker = await started_worker(backend)
+    stream = worker.open_stream("default", PARAMS)
+    stream.add_group("doomed")
+    while len(backend.made) < 3:
+        await asyncio.sleep(0.002)
+    stream.cancel()
+    deadline = time.monotonic() + 2
+    while not backend.closed_groups and time.monotonic() < deadline:
+        await asyncio.sleep(0.002)
+    assert len(backend.closed_groups) == 1
+    text, made, thread = backend.closed_groups[0]
+    assert text == "doomed" and made < 50 and thread == "chatterbox-worker"
+    made_then = len(backend.made)
+    await asyncio.sleep(0.1)
+    assert len(backend.made) == made_then  # nothing more made for it
+    await worker.stop()
+
+
+async def test_stop_closes_groups_left_half_spoken() -> None:
+    backend = PiecewiseBackend(pieces=50, piece_seconds=10.0, delay=0.01)
+    worker = await started_worker(backend)
+    worker.max_groups_ahead = 1
+    stream = worker.open_stream("default", PARAMS)
+    stream.add_group("unfinished")
+    while len(backend.made) < 1:
+        await asyncio.sleep(0.002)
+    await worker.stop()
+    assert [t for t, _, _ in backend.closed_groups] == ["unfinished"]
+    assert backend.closed

@@ -197,6 +197,13 @@ class SynthesisStream:
         # Worker thread only:
         self._groups_done = 0
         self._loudness: Optional[LoudnessNormalizer] = None
+        self._group: Optional[Iterator[Piece]] = None  # the group being spoken
+        self._group_text = ""
+        self._group_pieces = 0
+        # When the listener would run out of audio: the first piece's time plus
+        # the audio made since; before any audio, when the stream opened.
+        self._deadline = worker._clock()
+        self._audio_started = False
 
     @property
     def cancelled(self) -> bool:
@@ -264,6 +271,9 @@ class EngineWorker:
         self._voice_gain: Dict[str, float] = {}
         self._cond = threading.Condition()
         self._streams: Deque[SynthesisStream] = deque()
+        # Cancelled streams, which may have left a group half-spoken: the worker
+        # closes it (its backend state, e.g. a KV cache slot, is the worker's).
+        self._abandoned: List[SynthesisStream] = []
         self._stopping = False
         self._background_due = True  # backend.background_work may have work
         self._thread: Optional[threading.Thread] = None
@@ -364,6 +374,7 @@ class EngineWorker:
     def _cancel_locked(self, stream: SynthesisStream) -> None:
         stream._cancel_event.set()
         stream._pending.clear()
+        self._abandoned.append(stream)
         if stream in self._streams:
             self._streams.remove(stream)
             self._last_active = self._clock()
@@ -387,13 +398,22 @@ class EngineWorker:
             stream._put(_STREAM_END)
 
     def _next_job_locked(self) -> Optional[SynthesisStream]:
-        """Round robin over streams with a pending group and room ahead."""
-        for _ in range(len(self._streams)):
-            stream = self._streams[0]
-            self._streams.rotate(-1)
-            if stream._pending and stream._ahead < self.max_groups_ahead:
-                return stream
-        return None
+        """The stream whose listener runs out of audio first, among those with a
+        group half-spoken or a pending group and room ahead.
+
+        Work goes one piece at a time, so a long reply cannot hold the model
+        while a short one waits: a new reply (no audio yet) goes before replies
+        whose listeners still have audio buffered, and those are served in the
+        order their buffers run dry. Ties keep the streams' order of arrival.
+        """
+        best: Optional[SynthesisStream] = None
+        for stream in self._streams:
+            ready = stream._group is not None or (
+                stream._pending and stream._ahead < self.max_groups_ahead
+            )
+            if ready and (best is None or stream._deadline < best._deadline):
+                best = stream
+        return best
 
     def _run(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self._loaded is not None
@@ -427,16 +447,19 @@ class EngineWorker:
                         self._cond.wait(wait)
                     if stream is None and self._stopping:
                         break
-                    if stream is not None:
+                    text: Optional[str] = None
+                    if stream is not None and stream._group is None:
                         text = stream._pending.popleft()
                         stream._in_flight = True
                         stream._ahead += 1
-                    elif not unload:
+                    elif stream is None and not unload:
                         self._background_due = False
+                    abandoned, self._abandoned = self._abandoned, []
+                self._close_groups(abandoned)
                 if unload:
                     self._unload()
                     continue
-                if stream is not None and not self.model_loaded:
+                if text is not None and not self.model_loaded:
                     self._reload()
                 if stream is None:
                     # Nothing to speak: the backend's deferred work, one step.
@@ -444,7 +467,7 @@ class EngineWorker:
                         with self._cond:
                             self._background_due = True
                     continue
-                self._run_group(stream, text)
+                self._step(stream, text)
         except BaseException as err:  # pylint: disable=broad-except
             # A bug, not a synthesis failure (those end only their stream): no
             # stream can be served any more, so say so to all and to the server.
@@ -456,7 +479,24 @@ class EngineWorker:
                 self._streams.clear()
             loop.call_soon_threadsafe(self._set_died, err)
         finally:
+            with self._cond:
+                abandoned = self._abandoned + list(self._streams)
+                self._abandoned = []
+            self._close_groups(abandoned)
             self.backend.close()
+
+    def _close_groups(self, streams: List[SynthesisStream]) -> None:
+        """Close the streams' half-spoken groups, so that the backend frees what
+        they hold. Worker thread only (nothing else touches `_group`)."""
+        for stream in streams:
+            group, stream._group = stream._group, None
+            close = getattr(group, "close", None)
+            if close is None:
+                continue
+            try:
+                close()
+            except Exception:  # pylint: disable=broad-except
+                _LOGGER.exception("Closing a cancelled group failed")
 
     def _idle_wait_locked(self) -> Optional[float]:
         """Seconds until an idle unload is due; None when none is."""
@@ -501,35 +541,68 @@ class EngineWorker:
             _LOGGER.exception("Background work failed")
             return False
 
-    def _run_group(self, stream: SynthesisStream, text: str) -> None:
+    def _step(self, stream: SynthesisStream, text: Optional[str]) -> None:
+        """One piece of a stream's audio: start the group `text`, or go on with
+        the group it is speaking."""
         should_stop = stream._cancel_event.is_set
         error: Optional[BaseException] = None
-        first_piece = True
         try:
-            if not self.model_loaded:
-                raise EngineError("the model could not be loaded again; see the log")
-            for piece in self.backend.synthesize(
-                text, stream.voice, stream.language, stream.params, should_stop
-            ):
-                if should_stop():
-                    break
-                if first_piece and stream._groups_done and self.sentence_silence > 0:
-                    # A pause between groups, never before the first or at the end.
-                    silence = np.zeros(
-                        int(self.sentence_silence * self.sample_rate), np.float32
+            if text is not None:
+                if not self.model_loaded:
+                    raise EngineError(
+                        "the model could not be loaded again; see the log"
                     )
-                    with self._cond:
-                        stream._put(Piece(audio=silence))
-                first_piece = False
-                piece = self._level(stream, piece)
-                with self._cond:
-                    stream._put(piece)
+                stream._group = iter(
+                    self.backend.synthesize(
+                        text, stream.voice, stream.language, stream.params, should_stop
+                    )
+                )
+                stream._group_text = text
+                stream._group_pieces = 0
+            assert stream._group is not None
+            piece = next(stream._group)
+        except StopIteration:
+            pass
         except SynthesisCancelled:
-            _LOGGER.debug("Group cancelled: %r", text[:60])
+            _LOGGER.debug("Group cancelled: %r", stream._group_text[:60])
         except Exception as err:  # pylint: disable=broad-except
-            _LOGGER.exception("Synthesis failed for %r", text[:60])
+            _LOGGER.exception("Synthesis failed for %r", stream._group_text[:60])
             error = err
+        else:
+            if not should_stop():
+                self._emit(stream, piece)
+                return
+        self._end_group(stream, error)
 
+    def _emit(self, stream: SynthesisStream, piece: Piece) -> None:
+        if (
+            stream._group_pieces == 0
+            and stream._groups_done
+            and self.sentence_silence > 0
+        ):
+            # A pause between groups, never before the first or at the end.
+            silence = np.zeros(
+                int(self.sentence_silence * self.sample_rate), np.float32
+            )
+            self._emit_locked_audio(stream, Piece(audio=silence))
+        stream._group_pieces += 1
+        self._emit_locked_audio(stream, self._level(stream, piece))
+
+    def _emit_locked_audio(self, stream: SynthesisStream, piece: Piece) -> None:
+        now = self._clock()
+        seconds = piece.audio.size / self.sample_rate
+        if not stream._audio_started:
+            stream._audio_started = True
+            stream._deadline = now
+        # A listener who ran dry starts again from now.
+        stream._deadline = max(stream._deadline, now) + seconds
+        with self._cond:
+            stream._put(piece)
+
+    def _end_group(
+        self, stream: SynthesisStream, error: Optional[BaseException]
+    ) -> None:
+        self._close_groups([stream])
         with self._cond:
             stream._in_flight = False
             stream._groups_done += 1
