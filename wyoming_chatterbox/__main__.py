@@ -21,7 +21,7 @@ from wyoming.error import Error
 from wyoming.event import async_get_stdin, async_write_event
 from wyoming.server import AsyncServer, HandlerFactory
 
-from . import __version__
+from . import __version__, fastpath
 from .discovery import ZeroconfAdvertiser, advertised_address, default_service_name
 from .engine import (
     EngineDied,
@@ -274,6 +274,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="close a connection that sends nothing with no reply in progress, or "
         f"reads none of its audio, for this long (default: {DEFAULT_IDLE_TIMEOUT:g})",
     )
+    fastpath.add_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="log DEBUG messages")
     parser.add_argument(
         "--log-format", default=LOG_FORMAT, help="format for log messages"
@@ -566,16 +567,25 @@ def _watch(metrics: Metrics, engine: EngineWorker, connections: Connections) -> 
 
 
 def make_backend(args: argparse.Namespace) -> SpeechBackend:
+    """The backend the flags ask for; ValueError for impossible speed flags."""
     # pylint: disable=import-outside-toplevel
+    fast = fastpath.from_args(args)
     if args.model == "multilingual":
         from .multilingual import MultilingualBackend
 
+        if fast != fastpath.FastPath():
+            _LOGGER.warning(
+                "The speed flags apply to Chatterbox Turbo only; the multilingual "
+                "model uses the library's decode loop"
+            )
         return MultilingualBackend(
             args.model_dir, args.data_dir, args.device, args.voices_dir
         )
     from .turbo import TurboBackend
 
-    return TurboBackend(args.model_dir, args.data_dir, args.device, args.voices_dir)
+    return TurboBackend(
+        args.model_dir, args.data_dir, args.device, args.voices_dir, fast=fast
+    )
 
 
 def main(argv: Optional[list] = None) -> None:
@@ -605,7 +615,11 @@ def main(argv: Optional[list] = None) -> None:
     except ValueError as err:
         _LOGGER.error("%s", err)
         sys.exit(1)
-    backend = make_backend(args)
+    try:
+        backend = make_backend(args)
+    except ValueError as err:
+        _LOGGER.error("%s", err)
+        sys.exit(1)
     overrides = {
         name: getattr(args, name)
         for name in (

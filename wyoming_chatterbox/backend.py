@@ -194,6 +194,46 @@ class ChatterboxBackend(SpeechBackend):
     ) -> Tuple[np.ndarray, int, bool]:
         """Audio, speech tokens and whether `max_tokens` cut it short."""
 
+    def _speak_pieces(
+        self,
+        text: str,
+        conds: Any,
+        language: str,
+        params: SamplingParams,
+        should_stop: Callable[[], bool],
+        min_tokens: int,
+        max_tokens: int,
+    ) -> Iterator[Piece]:
+        """The group's audio in pieces; by default one piece from `_speak`.
+
+        A subclass that makes audio while the model is still generating yields
+        each piece as soon as it is ready.
+        """
+        audio, tokens, cut = self._speak(
+            text, conds, language, params, should_stop, max_tokens
+        )
+        if cut:
+            self._log_runaway(text, tokens)
+        yield Piece(audio=audio.astype(np.float32, copy=False), tokens=tokens)
+
+    def _token_range(self, text: str) -> Tuple[int, int]:
+        """The fewest and the most speech tokens a group's text may take.
+
+        The model decides the length; only a runaway is cut, at the budget. A
+        benchmark on random weights overrides this to make lengths realistic.
+        """
+        return 0, speech_token_budget(text)
+
+    def _log_runaway(self, text: str, tokens: int) -> None:
+        _LOGGER.warning(
+            "Stopped a runaway generation at %s speech tokens (%.1f s) for %s "
+            "characters: %r",
+            tokens,
+            tokens / SPEECH_TOKENS_PER_SECOND,
+            len(text),
+            text[:80],
+        )
+
     def _warn_once(self, message: str, *args: Any) -> None:
         """Log a warning about settings once, not on every Describe."""
         text = message % args
@@ -351,20 +391,10 @@ class ChatterboxBackend(SpeechBackend):
         if not text:
             return
         conds = self._conditionals_for(voice)
-        budget = speech_token_budget(text)
-        audio, tokens, cut = self._speak(
-            text, conds, language, params, should_stop, budget
+        min_tokens, max_tokens = self._token_range(text)
+        yield from self._speak_pieces(
+            text, conds, language, params, should_stop, min_tokens, max_tokens
         )
-        if cut:
-            _LOGGER.warning(
-                "Stopped a runaway generation at %s speech tokens (%.1f s) for %s "
-                "characters: %r",
-                tokens,
-                tokens / SPEECH_TOKENS_PER_SECOND,
-                len(text),
-                text[:80],
-            )
-        yield Piece(audio=audio.astype(np.float32, copy=False), tokens=tokens)
 
     def background_work(self) -> bool:
         """Prepare one voice found by a rescan; True if more may be waiting."""

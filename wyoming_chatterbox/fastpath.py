@@ -1,0 +1,127 @@
+"""The fast path's switches: one place for the server's and the benchmark's flags.
+
+Every part is on by default where it helps (CUDA) and can be turned off alone, so
+that a regression can be found by bisecting the switches and the benchmark can
+measure each part's worth.
+"""
+
+import argparse
+import dataclasses
+
+# Speech tokens T3 must produce before the first audio of a group is made, and
+# how the later pieces grow: 25 tokens are one second of speech.
+DEFAULT_FIRST_PIECE_TOKENS = 20
+DEFAULT_MAX_PIECE_TOKENS = 160
+T3_DTYPES = ("auto", "float32", "bfloat16", "float16")
+
+
+@dataclasses.dataclass(frozen=True)
+class FastPath:
+    """Which speed-ups the Turbo backend uses."""
+
+    # T3 decoding with a preallocated (static) KV cache, the voice prompt's keys
+    # and values computed once per voice, and sampling on the device. Off: the
+    # library's own transformer with a growing cache (the reference path).
+    static_cache: bool = True
+    # Replay each decode step as one CUDA graph (CUDA only; needs static_cache).
+    cuda_graphs: bool = True
+    # T3's precision: auto is bfloat16 on CUDA, float32 on the CPU. S3Gen stays
+    # in float32.
+    t3_dtype: str = "auto"
+    # Hand speech tokens to S3Gen in pieces within a sentence group, so the
+    # first audio comes after `first_piece_tokens` tokens, not the whole group.
+    stream_in_group: bool = True
+    first_piece_tokens: int = DEFAULT_FIRST_PIECE_TOKENS
+    max_piece_tokens: int = DEFAULT_MAX_PIECE_TOKENS
+    # Watermark each piece on its own thread while the model goes on, instead of
+    # on the worker thread between the model's steps.
+    async_watermark: bool = True
+
+    def __post_init__(self) -> None:
+        if self.t3_dtype not in T3_DTYPES:
+            raise ValueError(f"t3_dtype must be one of {', '.join(T3_DTYPES)}")
+        if not 4 <= self.first_piece_tokens <= 1000:
+            raise ValueError("first_piece_tokens must be 4 to 1000")
+        if self.max_piece_tokens < self.first_piece_tokens:
+            raise ValueError("max_piece_tokens must be at least first_piece_tokens")
+
+    def resolved_dtype(self, device: str) -> str:
+        if self.t3_dtype != "auto":
+            return self.t3_dtype
+        return "bfloat16" if device.startswith("cuda") else "float32"
+
+    def uses_graphs(self, device: str) -> bool:
+        return self.static_cache and self.cuda_graphs and device.startswith("cuda")
+
+    def describe(self, device: str) -> str:
+        """One line for the startup log."""
+        parts = [
+            ("static KV cache" if self.static_cache else "library decode loop"),
+            f"T3 in {self.resolved_dtype(device)}",
+        ]
+        if self.uses_graphs(device):
+            parts.append("CUDA graphs")
+        if self.stream_in_group:
+            parts.append(
+                f"audio from the first {self.first_piece_tokens} tokens of a group"
+            )
+        else:
+            parts.append("one piece per group")
+        parts.append(
+            "watermark on its own thread"
+            if self.async_watermark
+            else "watermark inline"
+        )
+        return ", ".join(parts)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The fast path's flags (shared by the server and script/bench)."""
+    group = parser.add_argument_group("speed (Chatterbox Turbo)")
+    group.add_argument(
+        "--no-static-cache",
+        action="store_true",
+        help="decode T3 with the library's growing cache (slower; for comparison)",
+    )
+    group.add_argument(
+        "--no-cuda-graphs",
+        action="store_true",
+        help="do not replay T3's decode step as a CUDA graph",
+    )
+    group.add_argument(
+        "--t3-dtype",
+        choices=T3_DTYPES,
+        default="auto",
+        help="T3 precision (default: bfloat16 on CUDA, float32 on the CPU)",
+    )
+    group.add_argument(
+        "--no-stream-in-group",
+        action="store_true",
+        help="make each sentence group's audio in one piece (first audio later)",
+    )
+    group.add_argument(
+        "--first-piece-tokens",
+        type=int,
+        default=DEFAULT_FIRST_PIECE_TOKENS,
+        metavar="N",
+        help="speech tokens (25 a second) before a group's first audio "
+        f"(default: {DEFAULT_FIRST_PIECE_TOKENS})",
+    )
+    group.add_argument(
+        "--no-async-watermark",
+        action="store_true",
+        help="watermark on the model's thread instead of its own",
+    )
+
+
+def from_args(args: argparse.Namespace) -> FastPath:
+    """The FastPath the flags ask for; raises ValueError with a clear message."""
+    return FastPath(
+        static_cache=not args.no_static_cache,
+        cuda_graphs=not args.no_cuda_graphs,
+        t3_dtype=args.t3_dtype,
+        stream_in_group=not args.no_stream_in_group,
+        first_piece_tokens=args.first_piece_tokens,
+        max_piece_tokens=max(DEFAULT_MAX_PIECE_TOKENS, args.first_piece_tokens),
+        async_watermark=not args.no_async_watermark,
+    )
