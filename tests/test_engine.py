@@ -232,3 +232,21 @@ async def test_stop_closes_groups_left_half_spoken() -> None:
     await worker.stop()
     assert [t for t, _, _ in backend.closed_groups] == ["unfinished"]
     assert backend.closed
+
+
+async def test_groups_begun_at_once_are_capped() -> None:
+    # Each begun group holds model state: with a cap of 2, a third stream's
+    # group begins only when one of the first two has finished.
+    backend = PiecewiseBackend(pieces=5, piece_seconds=0.1, delay=0.005)
+    worker = EngineWorker(backend, max_active_groups=2)
+    await worker.start()
+    streams = [worker.open_stream("default", PARAMS) for _ in range(3)]
+    for index, stream in enumerate(streams):
+        stream.add_group(f"s{index}")
+        stream.close()
+    await asyncio.wait_for(asyncio.gather(*(collect(s) for s in streams)), 5)
+    first_s2 = backend.made.index(("s2", 0))
+    done = [t for t, i in backend.made[:first_s2] if i == 4]
+    assert done, backend.made  # s0 or s1 finished before s2 began
+    assert len(backend.made) == 15
+    await worker.stop()

@@ -255,8 +255,13 @@ class EngineWorker:
         idle_unload: Optional[float] = None,
         warm_up: bool = False,
         clock: Callable[[], float] = time.monotonic,
+        max_active_groups: int = 16,
     ) -> None:
         self.backend = backend
+        # Groups begun and not finished, over all streams: each holds model
+        # state (a KV cache slot, ~0.2 GB on a GPU), so a crowd waits its turn
+        # to begin rather than filling the GPU.
+        self.max_active_groups = max_active_groups
         self.idle_unload = idle_unload
         self.warm_up = warm_up
         self._clock = clock
@@ -407,9 +412,11 @@ class EngineWorker:
         order their buffers run dry. Ties keep the streams' order of arrival.
         """
         best: Optional[SynthesisStream] = None
+        active = sum(1 for stream in self._streams if stream._group is not None)
+        room = active < self.max_active_groups
         for stream in self._streams:
             ready = stream._group is not None or (
-                stream._pending and stream._ahead < self.max_groups_ahead
+                room and bool(stream._pending) and stream._ahead < self.max_groups_ahead
             )
             if ready and (best is None or stream._deadline < best._deadline):
                 best = stream
