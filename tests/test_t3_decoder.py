@@ -1,0 +1,494 @@
+"""The static-cache T3 decoder against the library's own transformer and sampler.
+
+The test checkpoint's speech head is zeroed with a bias that leaves 8 live tokens
+and the stop token equally likely; checks on logits and greedy tokens use a copy
+of T3 whose head is random again, so that a wrong position, mask or weight shows.
+"""
+
+import copy
+import dataclasses
+import gc
+import itertools
+from pathlib import Path
+from typing import Any, Iterable, Iterator, List, Tuple
+
+import pytest
+import torch
+
+from tests.test_model import checkpoint  # noqa: F401
+from wyoming_chatterbox.engine import SamplingParams, SynthesisCancelled
+from wyoming_chatterbox.t3_decoder import T3Decoder, _param_values, draw, sampler_scores
+
+pytestmark = pytest.mark.model
+
+GREEDY = SamplingParams(top_k=1)
+TEXT = "Hello there, the kitchen light is on."
+OTHER_TEXT = "It is twenty one degrees in the living room."
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread() -> Iterator[None]:
+    """The tiny model gains nothing from threads, and on a shared 2-core box
+    OpenMP's spinning threads made these tests 20 times slower."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model(checkpoint: Path) -> Any:  # noqa: F811
+    from wyoming_chatterbox.turbo import load_turbo_model
+
+    return load_turbo_model(checkpoint, "cpu")
+
+
+def _random_head(t3: Any, seed: int = 1234) -> Any:
+    """A copy of T3 whose speech head gives every token a different logit."""
+    t3 = copy.deepcopy(t3)
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        head = t3.speech_head
+        head.weight.copy_(torch.randn(head.weight.shape, generator=generator) * 0.3)
+        head.bias.copy_(torch.randn(head.bias.shape, generator=generator) * 0.3)
+    return t3
+
+
+@pytest.fixture(scope="module")
+def rand_t3(model: Any) -> Any:
+    return _random_head(model.t3)
+
+
+@pytest.fixture(scope="module")
+def dec(rand_t3: Any) -> Iterator[T3Decoder]:
+    decoder = T3Decoder(rand_t3, "cpu", torch.float32)
+    yield decoder
+    decoder.close()
+
+
+def _text(model: Any, text: str = TEXT) -> torch.Tensor:
+    return model.tokenizer(text, return_tensors="pt").input_ids
+
+
+def _tokens(generation: Iterable[List[int]]) -> List[int]:
+    return [token for block in generation for token in block]
+
+
+def _never() -> bool:
+    return False
+
+
+# ---------------------------------------------------------------- forward
+
+
+def test_forward_matches_hf_transformer(model: Any, rand_t3: Any, dec: Any) -> None:
+    """Prefill and 40 forced steps: our logits equal GPT2Model + speech_head with
+    its own cache, at every position (past the voice prompt and the text)."""
+    text = _text(model)
+    forced = torch.randint(0, 6561, (40,), generator=torch.Generator().manual_seed(5))
+    ours = dec.forced_logits(dec.prefix(model.conds.t3), text, forced.tolist())
+
+    t3 = rand_t3
+    with torch.inference_mode():
+        start = torch.full_like(text[:, :1], t3.hp.start_speech_token)
+        embeds, _ = t3.prepare_input_embeds(
+            t3_cond=dataclasses.replace(model.conds.t3),
+            text_tokens=text,
+            speech_tokens=start,
+        )
+        out = t3.tfmr(inputs_embeds=embeds, use_cache=True)
+        rows = [t3.speech_head(out[0][:, -1])]
+        past = out.past_key_values
+        for token in forced:
+            out = t3.tfmr(
+                inputs_embeds=t3.speech_emb(token.view(1, 1)),
+                past_key_values=past,
+                use_cache=True,
+            )
+            past = out.past_key_values
+            rows.append(t3.speech_head(out[0][:, -1]))
+        theirs = torch.cat(rows)
+    assert ours.shape == theirs.shape == (41, 6563)
+    assert ours.std() > 1.0  # a head that tells tokens apart
+    torch.testing.assert_close(ours, theirs, rtol=1e-4, atol=1e-4)
+
+
+def test_greedy_tokens_match_reference_loop(model: Any, rand_t3: Any, dec: Any) -> None:
+    """top_k=1: the same tokens as turbo._EagerGeneration (the library's loop),
+    stop held back and cut included."""
+    from wyoming_chatterbox.turbo import _EagerGeneration
+
+    text = _text(model)
+    for params, min_tokens in [(GREEDY, 0), (SamplingParams(top_k=1, top_p=0.5), 5)]:
+        reference = _EagerGeneration(
+            rand_t3,
+            dataclasses.replace(model.conds.t3),
+            text,
+            params,
+            _never,
+            min_tokens=min_tokens,
+            max_tokens=30,
+        )
+        expected = _tokens(reference)
+        ours = dec.generate(
+            dec.prefix(model.conds.t3), text, params, _never, min_tokens, 30
+        )
+        assert _tokens(ours) == expected
+        assert (ours.cut, ours.n_tokens) == (reference.cut, reference.n_tokens)
+
+
+def test_prefix_reuse_is_reproducible(model: Any, dec: Any) -> None:
+    cond = model.conds.t3
+    had_embedding = cond.cond_prompt_speech_emb is not None
+    prefix = dec.prefix(cond)
+    kept = prefix.kv.clone()
+    text = _text(model)
+    runs = []
+    for fresh in [False, False, True]:
+        torch.manual_seed(7)
+        use = dec.prefix(cond) if fresh else prefix
+        runs.append(_tokens(dec.generate(use, text, SamplingParams(), _never, 0, 40)))
+    assert runs[0] == runs[1] == runs[2]
+    assert len(runs[0]) == 40  # the random head almost never picks the stop token
+    torch.manual_seed(8)
+    other = _tokens(dec.generate(prefix, text, SamplingParams(), _never, 0, 40))
+    assert other != runs[0]  # the seed matters: this is sampling
+    assert torch.equal(prefix.kv, kept)
+    assert (cond.cond_prompt_speech_emb is not None) == had_embedding
+
+
+# --------------------------------------------------------------- sampling
+
+
+def _hf_scores(
+    logits: torch.Tensor, history: torch.Tensor, params: SamplingParams
+) -> torch.Tensor:
+    """The processors as the reference loop builds them."""
+    from transformers.generation.logits_process import (
+        LogitsProcessorList,
+        RepetitionPenaltyLogitsProcessor,
+        TemperatureLogitsWarper,
+        TopKLogitsWarper,
+        TopPLogitsWarper,
+    )
+
+    processors = LogitsProcessorList()
+    if params.temperature > 0 and params.temperature != 1.0:
+        processors.append(TemperatureLogitsWarper(params.temperature))
+    if params.top_k > 0:
+        processors.append(TopKLogitsWarper(params.top_k))
+    if params.top_p < 1.0:
+        processors.append(TopPLogitsWarper(params.top_p))
+    if params.repetition_penalty != 1.0:
+        processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
+    return processors(history, logits.clone())  # type: ignore[arg-type]
+
+
+def _our_scores(
+    logits: torch.Tensor, history: torch.Tensor, params: SamplingParams
+) -> torch.Tensor:
+    vocab = logits.size(-1)
+    temperature, kth, top_p_cut, penalty = _param_values(params, vocab)
+    seen = torch.zeros((1, vocab), dtype=torch.bool)
+    seen[0, history[0]] = True
+    return sampler_scores(
+        logits,
+        torch.tensor([[temperature]]),
+        torch.tensor([[int(kth)]]),
+        torch.tensor([[top_p_cut]]),
+        torch.tensor([[penalty]]),
+        seen,
+    )
+
+
+def test_sampler_distribution_matches_hf_processors() -> None:
+    generator = torch.Generator().manual_seed(3)
+    vocab = 6563
+    history = torch.randint(0, vocab, (1, 30), generator=generator)
+    for top_k, top_p, temperature, penalty in itertools.product(
+        [1, 5, 50, 1000, 0], [0.5, 0.95, 1.0], [0.3, 0.8, 1.0], [1.0, 1.2, 2.0]
+    ):
+        logits = torch.randn((1, vocab), generator=generator) * 3
+        # Put some history tokens at the top, some of them with negative logits.
+        logits[0, history[0, :10]] += 8.0
+        logits[0, history[0, 10:12]] = -0.5
+        params = SamplingParams(
+            temperature=temperature,
+            top_k=top_k,
+            top_p=top_p,
+            repetition_penalty=penalty,
+        )
+        expected = _hf_scores(logits, history, params).softmax(-1)
+        probs = _our_scores(logits, history, params).softmax(-1)
+        torch.testing.assert_close(probs, expected, rtol=1e-5, atol=1e-7)
+        # The draw stays in the support.
+        samples = draw(probs.expand(64, vocab).contiguous())
+        assert bool((expected[0, samples] > 0).all()), params
+        if top_k == 1:
+            assert bool((samples == expected.argmax()).all())
+
+
+def test_draw_is_multinomial() -> None:
+    torch.manual_seed(11)
+    probs = torch.tensor([0.5, 0.25, 0.125, 0.0, 0.1, 0.025])
+    samples = draw(probs.expand(40000, 6).contiguous())
+    freq = torch.bincount(samples, minlength=6).float() / 40000
+    assert freq[3] == 0
+    torch.testing.assert_close(freq, probs, atol=0.012, rtol=0)
+
+
+def test_penalty_sees_start_token_first_then_generated(dec: Any) -> None:
+    """The seen mask: the start token at step 0, the generated tokens after."""
+    with torch.inference_mode():
+        slot = dec._acquire()
+        try:
+            slot.logits.zero_()
+            slot.logits[0, 100] = 50.0
+            slot.temperature.fill_(1.0)
+            slot.kth.fill_(0)
+            slot.top_p_cut.fill_(-1.0)
+            slot.penalty.fill_(1.2)
+            slot.min_tokens.fill_(0)
+            slot.step.zero_()
+            slot.seen.zero_()
+            slot.seen[0, dec.start_token] = True
+            dec._sample(slot)
+            assert slot.seen.nonzero()[:, 1].tolist() == [100]
+            slot.logits[0, 100] = -50.0
+            slot.logits[0, 200] = 50.0
+            dec._sample(slot)
+            assert slot.seen.nonzero()[:, 1].tolist() == [100, 200]
+            assert slot.out[:2].tolist() == [100, 200] and int(slot.step) == 2
+        finally:
+            dec._release(slot)
+
+
+# ------------------------------------------------------- stop, min and max
+
+
+@pytest.fixture(scope="module")
+def stop_dec(model: Any) -> Iterator[T3Decoder]:
+    """The checkpoint's head (8 live tokens) with the stop token made dominant:
+    without min_tokens it stops at once (p = 0.9996 per step)."""
+    t3 = copy.deepcopy(model.t3)
+    with torch.no_grad():
+        t3.speech_head.bias[t3.hp.stop_speech_token] = 10.0
+    decoder = T3Decoder(t3, "cpu", torch.float32)
+    yield decoder
+    decoder.close()
+
+
+def _live_tokens(model: Any) -> List[int]:
+    bias = model.t3.speech_head.bias
+    live = (bias > -1).nonzero()[:, 0].tolist()
+    return [t for t in live if t != model.t3.hp.stop_speech_token]
+
+
+def test_stop_token_ends_generation(model: Any) -> None:
+    decoder = T3Decoder(model.t3, "cpu", torch.float32)
+    prefix = decoder.prefix(model.conds.t3)
+    live = set(_live_tokens(model))
+    lengths = []
+    for seed in range(6):
+        torch.manual_seed(seed)
+        generation = decoder.generate(
+            prefix, _text(model), SamplingParams(), _never, 0, 1000
+        )
+        blocks = list(generation)
+        tokens = [t for block in blocks for t in block]
+        assert not generation.cut
+        assert set(tokens) <= live  # no stop token, nothing sampled after it
+        assert all(blocks) and len(tokens) == generation.n_tokens
+        lengths.append(len(tokens))
+    assert max(lengths) < 100 and len(set(lengths)) > 1
+    assert decoder.free_slots == 1
+
+
+def _block_sizes(n: int) -> List[int]:
+    """Blocks of sync_every (8) tokens, then the rest; never an empty block."""
+    return [8] * (n // 8) + ([n % 8] if n % 8 else [])
+
+
+def test_min_tokens_holds_the_stop_back(model: Any, stop_dec: Any) -> None:
+    prefix = stop_dec.prefix(model.conds.t3)
+    for min_tokens in [0, 1, 13, 40]:
+        torch.manual_seed(min_tokens)
+        generation = stop_dec.generate(
+            prefix, _text(model), SamplingParams(), _never, min_tokens, 1000
+        )
+        blocks = list(generation)
+        assert generation.n_tokens == min_tokens and not generation.cut
+        assert [len(b) for b in blocks] == _block_sizes(min_tokens)
+
+
+def test_max_tokens_cuts(model: Any, stop_dec: Any) -> None:
+    prefix = stop_dec.prefix(model.conds.t3)
+    for max_tokens in [0, 5, 20]:
+        generation = stop_dec.generate(
+            prefix, _text(model), SamplingParams(), _never, 1000, max_tokens
+        )
+        blocks = list(generation)
+        assert generation.cut and generation.n_tokens == max_tokens
+        assert [len(b) for b in blocks] == _block_sizes(max_tokens)
+    # The stop token on the last allowed step is a stop, not a cut.
+    generation = stop_dec.generate(prefix, _text(model), SamplingParams(), _never, 4, 5)
+    assert len(_tokens(generation)) == 4 and not generation.cut
+
+
+def test_prompt_must_fit(model: Any, rand_t3: Any) -> None:
+    small = T3Decoder(rand_t3, "cpu", torch.float32, max_positions=260)
+    prefix = small.prefix(model.conds.t3)  # 201 positions in the test voice
+    long_text = torch.ones((1, 60), dtype=torch.long)
+    with pytest.raises(ValueError, match="does not fit"):
+        small.generate(prefix, long_text, GREEDY, _never)
+    generation = small.generate(prefix, long_text[:, :50], GREEDY, _never, 0, 100)
+    assert len(_tokens(generation)) == 260 - (prefix.length + 51)
+    assert generation.cut
+    with pytest.raises(ValueError, match="another"):
+        small.generate(
+            T3Decoder(rand_t3, "cpu", torch.float32).prefix(model.conds.t3),
+            long_text[:, :5],
+            GREEDY,
+            _never,
+        )
+
+
+# ----------------------------------------------------- cancel and slots
+
+
+def _counting(decoder: T3Decoder, monkeypatch: Any) -> List[int]:
+    count = [0]
+    run_step = decoder._run_step
+
+    def counted(slot: Any, length: int) -> None:
+        count[0] += 1
+        run_step(slot, length)
+
+    monkeypatch.setattr(decoder, "_run_step", counted)
+    return count
+
+
+def test_cancellation(model: Any, dec: Any, monkeypatch: Any) -> None:
+    count = _counting(dec, monkeypatch)
+    prefix = dec.prefix(model.conds.t3)
+    free = dec.free_slots
+    for k in [0, 3, 8, 11]:
+        count[0] = 0
+        generation = dec.generate(
+            prefix, _text(model), GREEDY, lambda: count[0] >= k, 1000, 1000
+        )
+        got: List[int] = []
+        with pytest.raises(SynthesisCancelled):
+            for block in generation:
+                got += block
+        assert count[0] == k and len(got) == 8 * (k // 8)
+        assert dec.free_slots == max(free, 1)
+        assert list(generation) == []
+
+
+def test_slots_are_reused_and_released(model: Any, rand_t3: Any) -> None:
+    decoder = T3Decoder(rand_t3, "cpu", torch.float32)
+    prefix = decoder.prefix(model.conds.t3)
+    decoder.warm_up()
+    assert decoder.free_slots == 1
+    first = decoder.generate(prefix, _text(model), GREEDY, _never, 0, 100)
+    second = decoder.generate(prefix, _text(model), GREEDY, _never, 0, 100)
+    assert decoder.free_slots == 1  # nothing taken before the first block
+    next(first), next(second)
+    assert decoder.free_slots == 0 and decoder._n_slots == 2
+    first.close()
+    assert decoder.free_slots == 1
+    del second
+    gc.collect()
+    assert decoder.free_slots == 2
+    third = decoder.generate(prefix, _text(model), GREEDY, _never, 0, 10)
+    assert len(_tokens(third)) == 10 and decoder.free_slots == 2
+    assert decoder._n_slots == 2  # reused, not made anew
+    decoder.close()
+    with pytest.raises(RuntimeError):
+        decoder.generate(prefix, _text(model), GREEDY, _never)
+
+
+def _other_voice(model: Any) -> Any:
+    """A second voice: another speaker embedding and prompt tokens."""
+    cond = model.conds.t3
+    generator = torch.Generator().manual_seed(9)
+    return dataclasses.replace(
+        cond,
+        speaker_emb=torch.randn(cond.speaker_emb.shape, generator=generator),
+        cond_prompt_speech_tokens=torch.randint(0, 6561, (1, 150), generator=generator),
+        cond_prompt_speech_emb=None,
+    )
+
+
+def test_interleaved_generations_match_solo_runs(model: Any, dec: Any) -> None:
+    jobs = [
+        (dec.prefix(model.conds.t3), _text(model, TEXT)),
+        (dec.prefix(_other_voice(model)), _text(model, OTHER_TEXT)),
+    ]
+    solo = [_tokens(dec.generate(p, t, GREEDY, _never, 0, 37)) for p, t in jobs]
+    assert solo[0] != solo[1]
+    generations = [dec.generate(p, t, GREEDY, _never, 0, 37) for p, t in jobs]
+    together: Tuple[List[int], List[int]] = ([], [])
+    alive = [True, True]
+    while any(alive):
+        for i, generation in enumerate(generations):
+            if alive[i]:
+                try:
+                    together[i].extend(next(generation))
+                except StopIteration:
+                    alive[i] = False
+    assert list(together) == solo
+
+
+# ------------------------------------------------------------ precision
+
+
+def test_bfloat16_agrees_with_float32_and_releases(
+    model: Any, rand_t3: Any, dec: Any
+) -> None:
+    """Tolerances (measured: 60/60 equal greedy tokens, all 41 forced argmaxes
+    equal, logits within 0.006 on a spread of 3.4): greedy tokens agree at
+    >= 90% of 60 positions, forced argmax at >= 90%, logits within 0.05."""
+    t3 = copy.deepcopy(rand_t3)
+    low = T3Decoder(t3, "cpu", torch.bfloat16)
+    low.release_reference_weights()
+    assert all(p.numel() == 0 for p in t3.tfmr.parameters())
+    text = _text(model)
+    cond = model.conds.t3
+    exact_tokens = _tokens(dec.generate(dec.prefix(cond), text, GREEDY, _never, 0, 60))
+    low_tokens = _tokens(low.generate(low.prefix(cond), text, GREEDY, _never, 0, 60))
+    assert len(exact_tokens) == len(low_tokens) == 60
+    same = sum(a == b for a, b in zip(exact_tokens, low_tokens))
+    assert same >= 54
+    forced = exact_tokens[:40]
+    exact = dec.forced_logits(dec.prefix(cond), text, forced)
+    approx = low.forced_logits(low.prefix(cond), text, forced)
+    assert approx.dtype == torch.float32 and low.prefix(cond).kv.dtype == torch.bfloat16
+    agree = (exact.argmax(-1) == approx.argmax(-1)).float().mean()
+    assert agree >= 0.9
+    assert (exact - approx).abs().max() < 0.05
+    low.close()
+
+
+# ------------------------------------------------------------------ CUDA
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_graph_replay_matches_eager(model: Any, rand_t3: Any) -> None:
+    t3 = copy.deepcopy(rand_t3).to("cuda")
+    cond = copy.deepcopy(model.conds.t3).to(device="cuda")
+    text = _text(model).to("cuda")
+    results = []
+    for graphs in [False, True]:
+        decoder = T3Decoder(t3, "cuda", torch.float32, cuda_graphs=graphs)
+        decoder.warm_up()
+        prefix = decoder.prefix(cond)
+        results.append(
+            [
+                _tokens(decoder.generate(prefix, text, GREEDY, _never, 30, 60)),
+                _tokens(decoder.generate(prefix, text, GREEDY, _never, 0, 45)),
+            ]
+        )
+        decoder.close()
+    assert results[0] == results[1]
