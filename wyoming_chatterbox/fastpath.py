@@ -7,6 +7,7 @@ measure each part's worth.
 
 import argparse
 import dataclasses
+from typing import Optional
 
 # Speech tokens T3 must produce before the first audio of a group is made, and
 # how the later pieces grow: 25 tokens are one second of speech.
@@ -30,7 +31,10 @@ class FastPath:
     t3_dtype: str = "auto"
     # Hand speech tokens to S3Gen in pieces within a sentence group, so the
     # first audio comes after `first_piece_tokens` tokens, not the whole group.
-    stream_in_group: bool = True
+    # Each piece decodes the group's mel so far again: about 3 times S3Gen's
+    # work per group (measured on CPU), nothing to a GPU but too much for a
+    # CPU, where S3Gen alone is near real time. None: on CUDA only.
+    stream_in_group: Optional[bool] = None
     first_piece_tokens: int = DEFAULT_FIRST_PIECE_TOKENS
     max_piece_tokens: int = DEFAULT_MAX_PIECE_TOKENS
     # Watermark each piece on its own thread while the model goes on, instead of
@@ -39,16 +43,21 @@ class FastPath:
 
     def __post_init__(self) -> None:
         if self.t3_dtype not in T3_DTYPES:
-            raise ValueError(f"t3_dtype must be one of {', '.join(T3_DTYPES)}")
+            raise ValueError(f"--t3-dtype must be one of {', '.join(T3_DTYPES)}")
         if not 4 <= self.first_piece_tokens <= 1000:
-            raise ValueError("first_piece_tokens must be 4 to 1000")
+            raise ValueError("--first-piece-tokens must be 4 to 1000")
         if self.max_piece_tokens < self.first_piece_tokens:
-            raise ValueError("max_piece_tokens must be at least first_piece_tokens")
+            raise ValueError("the largest piece must be at least the first")
 
     def resolved_dtype(self, device: str) -> str:
         if self.t3_dtype != "auto":
             return self.t3_dtype
         return "bfloat16" if device.startswith("cuda") else "float32"
+
+    def streams_in_group(self, device: str) -> bool:
+        if self.stream_in_group is None:
+            return device.startswith("cuda")
+        return self.stream_in_group
 
     def uses_graphs(self, device: str) -> bool:
         return self.static_cache and self.cuda_graphs and device.startswith("cuda")
@@ -61,7 +70,7 @@ class FastPath:
         ]
         if self.uses_graphs(device):
             parts.append("CUDA graphs")
-        if self.stream_in_group:
+        if self.streams_in_group(device):
             parts.append(
                 f"audio from the first {self.first_piece_tokens} tokens of a group"
             )
@@ -94,10 +103,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="T3 precision (default: bfloat16 on CUDA, float32 on the CPU)",
     )
-    group.add_argument(
+    streaming = group.add_mutually_exclusive_group()
+    streaming.add_argument(
         "--no-stream-in-group",
-        action="store_true",
+        dest="stream_in_group",
+        action="store_false",
+        default=None,
         help="make each sentence group's audio in one piece (first audio later)",
+    )
+    streaming.add_argument(
+        "--stream-in-group",
+        dest="stream_in_group",
+        action="store_true",
+        help="make audio in pieces within a group on the CPU too (the default on "
+        "CUDA; on a CPU first audio comes sooner but a group takes longer)",
     )
     group.add_argument(
         "--first-piece-tokens",
@@ -120,7 +139,7 @@ def from_args(args: argparse.Namespace) -> FastPath:
         static_cache=not args.no_static_cache,
         cuda_graphs=not args.no_cuda_graphs,
         t3_dtype=args.t3_dtype,
-        stream_in_group=not args.no_stream_in_group,
+        stream_in_group=args.stream_in_group,
         first_piece_tokens=args.first_piece_tokens,
         max_piece_tokens=max(DEFAULT_MAX_PIECE_TOKENS, args.first_piece_tokens),
         async_watermark=not args.no_async_watermark,

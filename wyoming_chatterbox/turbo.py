@@ -5,8 +5,19 @@ it calls the same steps itself (punc_norm -> tokenizer -> T3 -> S3Gen -> waterma
 so that each call takes its voice's conditionals as arguments (the shared
 `model.conds` is never used), checks the stop flag before every speech token, and
 counts the tokens it generated. Loading uses the library's own `from_local`.
+
+The fast path (see fastpath.FastPath; each part can be switched off):
+- T3 decodes with our own static-cache decoder (t3_decoder.T3Decoder): the voice
+  prompt's keys and values are computed once per voice, sampling stays on the
+  device, and on CUDA each step is one graph replay in bfloat16.
+- Speech tokens go to S3Gen in pieces while T3 goes on (s3stream.S3GenStreamer):
+  a group's first audio comes after `first_piece_tokens` tokens.
+- Each piece is watermarked on a thread of its own (s3stream.StreamWatermarker),
+  so T3 does not wait for it; the piece is handed on once it is marked.
 """
 
+import collections
+import concurrent.futures
 import contextlib
 import dataclasses
 import io
@@ -14,13 +25,25 @@ import logging
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import (
+    Any,
+    Callable,
+    Deque,
+    Dict,
+    Generator,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+)
 
 import numpy as np
 
 from .backend import MAX_SPEECH_TOKENS, SPEECH_VOCAB_REAL, ChatterboxBackend
 from .download import MODEL_FILES, ensure_model
-from .engine import ModelLoadError, SamplingParams, SynthesisCancelled
+from .engine import ModelLoadError, Piece, SamplingParams, SynthesisCancelled
+from .fastpath import FastPath
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -91,6 +114,125 @@ def load_turbo_model(ckpt_dir: Path, device: str) -> Any:
     return model
 
 
+class _EagerGeneration:
+    """T3.inference_turbo's loop on the library's transformer and its growing
+    cache: the reference the fast decoder is checked against, and the path
+    behind --no-static-cache. Same interface as t3_decoder.Generation: blocks
+    of new tokens as they come, a stop check before every token, at most
+    `max_tokens` tokens, and the stop token held back for `min_tokens`.
+    """
+
+    def __init__(
+        self,
+        t3: Any,
+        t3_cond: Any,
+        text_tokens: Any,
+        params: SamplingParams,
+        should_stop: Callable[[], bool],
+        min_tokens: int = 0,
+        max_tokens: int = MAX_SPEECH_TOKENS,
+        block: int = 8,
+    ) -> None:
+        self.cut = False
+        self.n_tokens = 0
+        self.prefill_s = 0.0
+        self.decode_s = 0.0
+        self._args = (t3, t3_cond, text_tokens, params, should_stop)
+        self._min_tokens = min_tokens
+        self._max_tokens = min(max_tokens, MAX_SPEECH_TOKENS)
+        self._block = block
+        self._iterator: Optional[Generator[List[int], None, None]] = None
+
+    def __iter__(self) -> Iterator[List[int]]:
+        if self._iterator is None:
+            self._iterator = self._run()
+        return self._iterator
+
+    def close(self) -> None:
+        if self._iterator is not None:
+            self._iterator.close()
+
+    def _run(self) -> Generator[List[int], None, None]:
+        import torch
+        import torch.nn.functional as F
+        from transformers.generation.logits_process import (
+            LogitsProcessorList,
+            RepetitionPenaltyLogitsProcessor,
+            TemperatureLogitsWarper,
+            TopKLogitsWarper,
+            TopPLogitsWarper,
+        )
+
+        t3, t3_cond, text_tokens, params, should_stop = self._args
+        processors = LogitsProcessorList()
+        if params.temperature > 0 and params.temperature != 1.0:
+            processors.append(TemperatureLogitsWarper(params.temperature))
+        if params.top_k > 0:
+            processors.append(TopKLogitsWarper(params.top_k))
+        if params.top_p < 1.0:
+            processors.append(TopPLogitsWarper(params.top_p))
+        if params.repetition_penalty != 1.0:
+            processors.append(
+                RepetitionPenaltyLogitsProcessor(params.repetition_penalty)
+            )
+        stop_token = t3.hp.stop_speech_token
+
+        # No inference_mode across a yield: another stream's group runs on this
+        # thread in between, and the mode is a per-thread setting.
+        started = time.monotonic()
+        with torch.inference_mode():
+            history = t3.hp.start_speech_token * torch.ones_like(text_tokens[:, :1])
+            embeds, _ = t3.prepare_input_embeds(
+                t3_cond=t3_cond,
+                text_tokens=text_tokens,
+                speech_tokens=history,
+                cfg_weight=0.0,
+            )
+            outputs = t3.tfmr(inputs_embeds=embeds, use_cache=True)
+            past = outputs.past_key_values
+            logits = t3.speech_head(outputs[0][:, -1:])
+        self.prefill_s = time.monotonic() - started
+
+        # `history` is what the repetition penalty sees: the start token at the
+        # first step, then the generated tokens only, as upstream.
+        generated = torch.zeros((1, 0), dtype=torch.long, device=text_tokens.device)
+        block: List[int] = []
+        self.cut = True
+        for step in range(self._max_tokens):
+            if should_stop():
+                raise SynthesisCancelled()
+            started = time.monotonic()
+            with torch.inference_mode():
+                step_logits = logits[:, -1, :]
+                if step < self._min_tokens:
+                    step_logits = step_logits.clone()
+                    step_logits[:, stop_token] = -float("inf")
+                scores = processors(history, step_logits)
+                next_token = torch.multinomial(F.softmax(scores, dim=-1), 1)
+                token = int(next_token)
+                if token != stop_token:
+                    generated = torch.cat([generated, next_token], dim=1)
+                    history = generated
+                    outputs = t3.tfmr(
+                        inputs_embeds=t3.speech_emb(next_token),
+                        past_key_values=past,
+                        use_cache=True,
+                    )
+                    past = outputs.past_key_values
+                    logits = t3.speech_head(outputs[0])
+            self.decode_s += time.monotonic() - started
+            if token == stop_token:
+                self.cut = False
+                break
+            block.append(token)
+            self.n_tokens += 1
+            if len(block) >= self._block:
+                yield block
+                block = []
+        if block:
+            yield block
+
+
 class TurboBackend(ChatterboxBackend):
     """Chatterbox Turbo (English) on one device."""
 
@@ -99,11 +241,64 @@ class TurboBackend(ChatterboxBackend):
     model_files = MODEL_FILES
     languages = {"en": "English"}
 
+    def __init__(self, *args: Any, fast: Optional[FastPath] = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.fast = fast if fast is not None else FastPath()
+        # One record per sentence group, for script/bench and the debug log.
+        self.group_stats: Deque[Dict[str, Any]] = collections.deque(maxlen=1000)
+        self._decoder: Any = None
+        # Voice prompt keys/values per voice: id(conds.t3) -> (conds.t3, prefix).
+        self._prefixes: "collections.OrderedDict[int, Tuple[Any, Any]]" = (
+            collections.OrderedDict()
+        )
+        self._marker: Optional[concurrent.futures.ThreadPoolExecutor] = None
+
     def _find_model(self) -> Path:
         return ensure_model(self._data_dir)
 
     def _load_model(self, ckpt_dir: Path) -> Any:
-        return load_turbo_model(ckpt_dir, self.device)
+        import torch
+
+        model = load_turbo_model(ckpt_dir, self.device)
+        if self.device.startswith("cuda"):
+            # S3Gen's input length changes with every piece: cuDNN's benchmark
+            # mode would tune its convolutions again for each new length.
+            torch.backends.cudnn.benchmark = False
+        if self.fast.static_cache:
+            from .t3_decoder import T3Decoder
+
+            dtype = getattr(torch, self.fast.resolved_dtype(self.device))
+            self._decoder = T3Decoder(
+                model.t3,
+                self.device,
+                dtype,
+                cuda_graphs=self.fast.uses_graphs(self.device),
+            )
+            if dtype != torch.float32:
+                # The decoder holds T3's transformer in its own precision; the
+                # float32 copy would only take memory.
+                self._decoder.release_reference_weights()
+        if self.fast.async_watermark:
+            self._marker = concurrent.futures.ThreadPoolExecutor(
+                max_workers=1, thread_name_prefix="chatterbox-watermark"
+            )
+        _LOGGER.info("Speed settings: %s", self.fast.describe(self.device))
+        return model
+
+    def warm_up(self) -> None:
+        if self._decoder is not None:
+            self._decoder.warm_up()
+        super().warm_up()
+
+    def close(self) -> None:
+        if self._decoder is not None:
+            self._decoder.close()
+            self._decoder = None
+        self._prefixes.clear()
+        if self._marker is not None:
+            self._marker.shutdown(wait=True)
+            self._marker = None
+        super().close()
 
     def _voice_languages(self, wanted: Optional[Sequence[str]]) -> List[str]:
         if wanted and not any(code.lower().startswith("en") for code in wanted):
@@ -136,6 +331,46 @@ class TurboBackend(ChatterboxBackend):
                 )
         return conds
 
+    def _prefix_for(self, t3_cond: Any) -> Any:
+        """The decoder's keys and values of a voice's prompt, made once."""
+        entry = self._prefixes.get(id(t3_cond))
+        if entry is not None and entry[0] is t3_cond:
+            self._prefixes.move_to_end(id(t3_cond))
+            return entry[1]
+        prefix = self._decoder.prefix(t3_cond)
+        self._prefixes[id(t3_cond)] = (t3_cond, prefix)
+        while len(self._prefixes) > 8:  # ~37 MB each at full size in bf16
+            self._prefixes.popitem(last=False)
+        return prefix
+
+    def _generation(
+        self,
+        conds: Any,
+        text_tokens: Any,
+        params: SamplingParams,
+        should_stop: Callable[[], bool],
+        min_tokens: int,
+        max_tokens: int,
+    ) -> Any:
+        if self._decoder is not None:
+            return self._decoder.generate(
+                self._prefix_for(conds.t3),
+                text_tokens,
+                params,
+                should_stop,
+                min_tokens=min_tokens,
+                max_tokens=min(max_tokens, MAX_SPEECH_TOKENS),
+            )
+        return _EagerGeneration(
+            self._model.t3,
+            dataclasses.replace(conds.t3),
+            text_tokens,
+            params,
+            should_stop,
+            min_tokens,
+            max_tokens,
+        )
+
     def _speak(
         self,
         text: str,
@@ -145,117 +380,204 @@ class TurboBackend(ChatterboxBackend):
         should_stop: Callable[[], bool],
         max_tokens: int,
     ) -> Tuple[np.ndarray, int, bool]:
+        """The whole group in one piece (the ChatterboxBackend contract)."""
+        pieces = list(
+            self._speak_pieces(
+                text, conds, language, params, should_stop, 0, max_tokens
+            )
+        )
+        audio = np.concatenate([p.audio for p in pieces]) if pieces else np.zeros(0)
+        stats = self.group_stats[-1]
+        return audio.astype(np.float32), stats["tokens"], stats["cut"]
+
+    def _speak_pieces(
+        self,
+        text: str,
+        conds: Any,
+        language: str,
+        params: SamplingParams,
+        should_stop: Callable[[], bool],
+        min_tokens: int,
+        max_tokens: int,
+    ) -> Iterator[Piece]:
         import torch
-        from chatterbox.models.s3gen.const import S3GEN_SIL
         from chatterbox.tts_turbo import punc_norm
 
-        model = self._model
+        started = time.monotonic()
+        stats: Dict[str, Any] = {
+            "chars": len(text),
+            "s3gen_s": [],
+            "s3gen_tokens": [],
+            "watermark_s": [],
+            "pieces": 0,
+            "first_piece_s": None,
+        }
         with torch.inference_mode():
-            text_tokens = model.tokenizer(
+            text_tokens = self._model.tokenizer(
                 punc_norm(text), return_tensors="pt", padding=True, truncation=True
             ).input_ids.to(self.device)
-            started = time.monotonic()
-            speech_tokens, cut = self._generate_speech_tokens(
-                dataclasses.replace(conds.t3),
-                text_tokens,
-                params,
-                should_stop,
-                max_tokens,
+            generation = self._generation(
+                conds, text_tokens, params, should_stop, min_tokens, max_tokens
             )
-            t3_seconds = time.monotonic() - started
-            if should_stop():
-                raise SynthesisCancelled()
+        pieces: Generator[Piece, None, None]
+        if self.fast.streams_in_group(self.device):
+            pieces = self._stream_group(conds, generation, should_stop, stats)
+        else:
+            pieces = self._whole_group(conds, generation, should_stop, stats)
+        try:
+            for piece in pieces:
+                if stats["first_piece_s"] is None:
+                    stats["first_piece_s"] = time.monotonic() - started
+                stats["pieces"] += 1
+                yield piece
+        finally:
+            pieces.close()
+            generation.close()
+        tokens = generation.n_tokens
+        stats.update(
+            tokens=tokens,
+            cut=generation.cut,
+            prefill_s=generation.prefill_s,
+            decode_s=generation.decode_s,
+            ms_per_token=1000 * generation.decode_s / tokens if tokens else None,
+            total_s=time.monotonic() - started,
+        )
+        self.group_stats.append(stats)
+        if generation.cut and min_tokens < max_tokens:  # not a forced length
+            self._log_runaway(text, tokens)
+        _LOGGER.debug(
+            "Group of %s chars: %s speech tokens (%.1f ms each), %s pieces, "
+            "first after %.0f ms, all in %.2f s",
+            len(text),
+            tokens,
+            stats["ms_per_token"] or 0.0,
+            stats["pieces"],
+            1000 * (stats["first_piece_s"] or 0.0),
+            stats["total_s"],
+        )
 
-            n_tokens = int(speech_tokens.numel())
-            speech_tokens = speech_tokens[speech_tokens < SPEECH_VOCAB_REAL]
-            silence = torch.full(
-                (3,), S3GEN_SIL, dtype=torch.long, device=speech_tokens.device
+    def _whole_group(
+        self,
+        conds: Any,
+        generation: Any,
+        should_stop: Callable[[], bool],
+        stats: Dict[str, Any],
+    ) -> Generator[Piece, None, None]:
+        """All the group's tokens, then S3Gen once, as upstream's generate."""
+        import torch
+        from chatterbox.models.s3gen.const import S3GEN_SIL
+
+        tokens = [t for block in generation for t in block if t < SPEECH_VOCAB_REAL]
+        if should_stop():
+            raise SynthesisCancelled()
+        started = time.monotonic()
+        with torch.inference_mode():
+            speech_tokens = torch.tensor(
+                tokens + [S3GEN_SIL] * 3, dtype=torch.long, device=self.device
             )
-            speech_tokens = torch.cat([speech_tokens, silence])
             # S3Gen casts the reference dict's tensors in place: give it a copy.
             # It also print()s a line per call: keep that out of the log.
             with contextlib.redirect_stdout(io.StringIO()):
-                wav, _ = model.s3gen.inference(
+                wav, _ = self._model.s3gen.inference(
                     speech_tokens=speech_tokens,
                     ref_dict=dict(conds.gen),
                     n_cfm_timesteps=2,
                 )
             wav = wav.squeeze(0).detach().float().cpu().numpy()
-
-        audio = model.watermarker.apply_watermark(wav, sample_rate=self.sample_rate)
-        _LOGGER.debug(
-            "Group of %s chars: %s speech tokens in %.2f s, %.2f s of audio",
-            len(text),
-            n_tokens,
-            t3_seconds,
-            len(audio) / self.sample_rate,
+        stats["s3gen_s"].append(time.monotonic() - started)
+        stats["s3gen_tokens"].append(len(tokens) + 3)
+        started = time.monotonic()
+        audio = self._model.watermarker.apply_watermark(
+            wav, sample_rate=self.sample_rate
         )
-        return audio, n_tokens, cut
+        stats["watermark_s"].append(time.monotonic() - started)
+        yield Piece(audio=np.asarray(audio, dtype=np.float32), tokens=len(tokens))
 
-    def _generate_speech_tokens(
+    def _stream_group(
         self,
-        t3_cond: Any,
-        text_tokens: Any,
-        params: SamplingParams,
+        conds: Any,
+        generation: Any,
         should_stop: Callable[[], bool],
-        max_tokens: int = MAX_SPEECH_TOKENS,
-    ) -> Tuple[Any, bool]:
-        """T3.inference_turbo's loop, with a stop check before every token and
-        at most `max_tokens` tokens; also says whether that cap cut it short."""
+        stats: Dict[str, Any],
+    ) -> Generator[Piece, None, None]:
+        """Audio while T3 goes on: S3Gen gets the first `first_piece_tokens`
+        tokens, then pieces twice as long each time up to `max_piece_tokens`."""
         import torch
-        import torch.nn.functional as F
-        from transformers.generation.logits_process import (
-            LogitsProcessorList,
-            RepetitionPenaltyLogitsProcessor,
-            TemperatureLogitsWarper,
-            TopKLogitsWarper,
-            TopPLogitsWarper,
-        )
 
-        t3 = self._model.t3
-        processors = LogitsProcessorList()
-        if params.temperature > 0 and params.temperature != 1.0:
-            processors.append(TemperatureLogitsWarper(params.temperature))
-        if params.top_k > 0:
-            processors.append(TopKLogitsWarper(params.top_k))
-        if params.top_p < 1.0:
-            processors.append(TopPLogitsWarper(params.top_p))
-        if params.repetition_penalty != 1.0:
-            processors.append(
-                RepetitionPenaltyLogitsProcessor(params.repetition_penalty)
+        from .s3stream import S3GenStreamer, StreamWatermarker
+
+        fast = self.fast
+        with torch.inference_mode():
+            streamer = S3GenStreamer(
+                self._model.s3gen,
+                conds.gen,
+                n_cfm_timesteps=2,
+                max_tokens=MAX_SPEECH_TOKENS,
             )
-
-        stop_token = t3.hp.stop_speech_token
-        history = t3.hp.start_speech_token * torch.ones_like(text_tokens[:, :1])
-        embeds, _ = t3.prepare_input_embeds(
-            t3_cond=t3_cond,
-            text_tokens=text_tokens,
-            speech_tokens=history,
-            cfg_weight=0.0,
+        marker = StreamWatermarker(self._model.watermarker, self.sample_rate)
+        marks: Deque["concurrent.futures.Future[Tuple[np.ndarray, int]]"] = (
+            collections.deque()
         )
-        outputs = t3.tfmr(inputs_embeds=embeds, use_cache=True)
-        past = outputs.past_key_values
-        logits = t3.speech_head(outputs[0][:, -1:])
+        last_mark: List[Optional[concurrent.futures.Future]] = [None]
 
-        # `history` is what the repetition penalty sees: the start token at the
-        # first step, then the generated tokens only, as upstream.
-        generated = torch.zeros((1, 0), dtype=torch.long, device=text_tokens.device)
-        cut = True
-        for _ in range(min(max_tokens, MAX_SPEECH_TOKENS)):
+        def mark(audio: np.ndarray, tokens: int, final: bool) -> None:
+            # Pieces are marked one after another (the marker keeps context
+            # across joins), on the watermark thread unless told otherwise.
+            previous = last_mark[0]
+
+            def run() -> Tuple[np.ndarray, int]:
+                if previous is not None:
+                    previous.result()
+                out = marker.push(audio) if audio.size else np.zeros(0, np.float32)
+                if final:
+                    out = np.concatenate([out, marker.finish()])
+                return out, tokens
+
+            future: "concurrent.futures.Future[Tuple[np.ndarray, int]]"
+            if self._marker is not None and not (final and previous is None):
+                future = self._marker.submit(run)
+            else:
+                future = concurrent.futures.Future()
+                future.set_result(run())
+            last_mark[0] = future
+            marks.append(future)
+
+        def s3gen(step: Callable[[], np.ndarray], tokens: int) -> np.ndarray:
             if should_stop():
                 raise SynthesisCancelled()
-            scores = processors(history, logits[:, -1, :])
-            next_token = torch.multinomial(F.softmax(scores, dim=-1), num_samples=1)
-            if int(next_token) == stop_token:
-                cut = False
-                break
-            generated = torch.cat([generated, next_token], dim=1)
-            history = generated
-            outputs = t3.tfmr(
-                inputs_embeds=t3.speech_emb(next_token),
-                past_key_values=past,
-                use_cache=True,
-            )
-            past = outputs.past_key_values
-            logits = t3.speech_head(outputs[0])
-        return generated[0], cut
+            started = time.monotonic()
+            with torch.inference_mode():
+                audio = step()
+            stats["s3gen_s"].append(time.monotonic() - started)
+            stats["s3gen_tokens"].append(tokens)
+            return audio
+
+        pending: List[int] = []
+        made = 0
+        size = fast.first_piece_tokens
+        due = size
+        first = True
+        for block in generation:
+            made += len(block)
+            pending.extend(t for t in block if t < SPEECH_VOCAB_REAL)
+            if made >= due:
+                batch, pending = pending, []
+                audio = s3gen(lambda: streamer.push(batch), len(batch))
+                size = min(2 * size, fast.max_piece_tokens)
+                due = made + size
+                if audio.size:
+                    mark(audio, len(batch), final=False)
+                    if first:
+                        # The first audio is what the listener waits for: take
+                        # it as soon as it is marked.
+                        first = False
+                        marks[0].result()
+            while marks and marks[0].done():
+                audio, tokens = marks.popleft().result()
+                yield Piece(audio=audio, tokens=tokens)
+        batch = pending
+        mark(s3gen(lambda: streamer.finish(batch), len(batch) + 3), len(batch), True)
+        while marks:
+            audio, tokens = marks.popleft().result()
+            yield Piece(audio=audio, tokens=tokens)
+        stats["watermark_s"] = list(marker.stats)

@@ -1,0 +1,146 @@
+"""The Turbo backend's fast path on the CPU: pieces within a group, each switch,
+cancellation inside a group, and the flags.
+
+The tiny test checkpoint's T3 stops after a handful of tokens, so these tests
+force lengths through the `_token_range` hook (as script/bench does). S3Gen is
+full size: every streamed piece costs about a second here, so cases are few.
+"""
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Iterator, List, Tuple
+
+import numpy as np
+import pytest
+
+from tests.test_model import checkpoint  # noqa: F401
+from tests.test_model import ENV, ROOT, SAMPLES_PER_TOKEN, SILENCE_TOKENS
+from wyoming_chatterbox.engine import Piece, SamplingParams, SynthesisCancelled
+from wyoming_chatterbox.fastpath import FastPath
+
+pytestmark = pytest.mark.model
+
+GREEDY = SamplingParams(top_k=1)
+TEXT = "The kitchen light is on and the door is locked."
+
+
+def make_backend(checkpoint: Path, tokens: int, **switches):  # type: ignore[no-untyped-def]
+    from wyoming_chatterbox.turbo import TurboBackend
+
+    class Forced(TurboBackend):
+        def _token_range(self, text: str) -> Tuple[int, int]:
+            return tokens, tokens
+
+    backend = Forced(
+        checkpoint, ROOT / ".cache" / "unused", "cpu", fast=FastPath(**switches)
+    )
+    backend.load()
+    return backend
+
+
+@pytest.fixture(scope="module")
+def streaming(checkpoint: Path) -> Iterator:  # type: ignore[type-arg]  # noqa: F811
+    backend = make_backend(checkpoint, 70, stream_in_group=True)
+    yield backend
+    backend.close()
+
+
+def speak(backend, text: str = TEXT, params: SamplingParams = GREEDY) -> List[Piece]:  # type: ignore[no-untyped-def]
+    return list(backend.synthesize(text, "default", "en", params, lambda: False))
+
+
+def test_cpu_default_is_one_piece_per_group_and_cuda_streams() -> None:
+    fast = FastPath()
+    assert not fast.streams_in_group("cpu") and fast.streams_in_group("cuda")
+    assert fast.resolved_dtype("cpu") == "float32"
+    assert fast.resolved_dtype("cuda:0") == "bfloat16"
+    assert fast.uses_graphs("cuda") and not fast.uses_graphs("cpu")
+    assert not FastPath(static_cache=False).uses_graphs("cuda")
+
+
+def test_a_group_comes_in_growing_pieces_that_add_up(streaming) -> None:  # type: ignore[no-untyped-def]
+    pieces = speak(streaming)
+    stats = streaming.group_stats[-1]
+    assert stats["tokens"] == 70
+    # First audio from the first 20-some tokens (one block of 8 may overshoot),
+    # then pieces twice as long: 24, then 40 more, then the rest.
+    assert 20 <= stats["s3gen_tokens"][0] < 28
+    assert len(pieces) >= 2
+    assert sum(p.tokens for p in pieces) == 70
+    audio = np.concatenate([p.audio for p in pieces])
+    assert audio.dtype == np.float32 and np.isfinite(audio).all()
+    assert np.abs(audio).max() <= 1.0
+    assert len(audio) == SAMPLES_PER_TOKEN * (70 + SILENCE_TOKENS)
+    # The first piece came long before the group was done.
+    assert stats["first_piece_s"] < 0.8 * stats["total_s"]
+    assert len(stats["watermark_s"]) >= len(pieces)
+
+
+def test_each_switch_off_gives_the_same_length(checkpoint: Path) -> None:  # noqa: F811
+    # Eager decode loop and whole-group S3Gen with the watermark inline: the
+    # reference path must still speak every token.
+    backend = make_backend(
+        checkpoint,
+        30,
+        static_cache=False,
+        stream_in_group=False,
+        async_watermark=False,
+    )
+    try:
+        pieces = speak(backend)
+        assert len(pieces) == 1
+        assert len(pieces[0].audio) == SAMPLES_PER_TOKEN * (30 + SILENCE_TOKENS)
+        assert backend._decoder is None and backend._marker is None
+    finally:
+        backend.close()
+
+
+def test_bfloat16_t3_speaks_on_the_cpu(checkpoint: Path) -> None:  # noqa: F811
+    backend = make_backend(checkpoint, 12, t3_dtype="bfloat16", stream_in_group=False)
+    try:
+        pieces = speak(backend)
+        assert sum(len(p.audio) for p in pieces) == SAMPLES_PER_TOKEN * (12 + 3)
+    finally:
+        backend.close()
+
+
+def test_a_stop_inside_a_group_ends_it_within_a_piece(streaming) -> None:  # type: ignore[no-untyped-def]
+    stop = False
+    group = streaming.synthesize(TEXT, "default", "en", GREEDY, lambda: stop)
+    first = next(group)
+    assert first.audio.size > 0
+    stop = True
+    started = time.monotonic()
+    with pytest.raises(SynthesisCancelled):
+        next(group)
+    # At most one S3Gen call (about a second here) was under way; no more
+    # tokens or pieces were made.
+    assert time.monotonic() - started < 0.5
+    group.close()
+    decoder = streaming._decoder
+    assert decoder.free_slots >= 1  # the KV cache slot is back in the pool
+
+
+def test_closing_a_half_spoken_group_frees_its_slot(streaming) -> None:  # type: ignore[no-untyped-def]
+    decoder = streaming._decoder
+    free = decoder.free_slots
+    group = streaming.synthesize(TEXT, "default", "en", GREEDY, lambda: False)
+    next(group)
+    assert decoder.free_slots == max(free - 1, 0)
+    group.close()
+    assert decoder.free_slots == max(free, 1)
+
+
+def test_bad_speed_flags_are_refused_at_startup() -> None:
+    result = subprocess.run(
+        [sys.executable, "-m", "wyoming_chatterbox", "--first-piece-tokens", "2"],
+        env=ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "--first-piece-tokens must be 4 to 1000" in result.stderr
