@@ -26,7 +26,7 @@ GREEDY = SamplingParams(top_k=1)
 TEXT = "The kitchen light is on and the door is locked."
 
 
-def make_backend(checkpoint: Path, tokens: int, **switches):  # type: ignore[no-untyped-def]
+def make_backend(folder: Path, tokens: int, **switches):  # type: ignore[no-untyped-def]
     from wyoming_chatterbox.turbo import TurboBackend
 
     class Forced(TurboBackend):
