@@ -34,7 +34,7 @@ def make_backend(folder: Path, tokens: int, **switches):  # type: ignore[no-unty
             return tokens, tokens
 
     backend = Forced(
-        checkpoint, ROOT / ".cache" / "unused", "cpu", fast=FastPath(**switches)
+        folder, ROOT / ".cache" / "unused", "cpu", fast=FastPath(**switches)
     )
     backend.load()
     return backend

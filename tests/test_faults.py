@@ -58,14 +58,14 @@ async def test_out_of_memory_fails_one_reply_and_the_server_goes_on(
 async def test_a_dead_worker_ends_the_server_instead_of_hanging(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    real_run_group = EngineWorker._run_group
+    real_step = EngineWorker._step
 
-    def run_group(self, stream, text):  # type: ignore[no-untyped-def]
-        if "crash" in text:
+    def step(self, stream, text):  # type: ignore[no-untyped-def]
+        if text is not None and "crash" in text:
             raise SystemError("a bug in the worker loop")
-        real_run_group(self, stream, text)
+        real_step(self, stream, text)
 
-    monkeypatch.setattr(EngineWorker, "_run_group", run_group)
+    monkeypatch.setattr(EngineWorker, "_step", step)
     backend = FakeBackend()
     port = free_port()
     ready = asyncio.Event()
