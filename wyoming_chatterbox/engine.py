@@ -591,11 +591,11 @@ class EngineWorker:
             silence = np.zeros(
                 int(self.sentence_silence * self.sample_rate), np.float32
             )
-            self._emit_locked_audio(stream, Piece(audio=silence))
+            self._put_audio(stream, Piece(audio=silence))
         stream._group_pieces += 1
-        self._emit_locked_audio(stream, self._level(stream, piece))
+        self._put_audio(stream, self._level(stream, piece))
 
-    def _emit_locked_audio(self, stream: SynthesisStream, piece: Piece) -> None:
+    def _put_audio(self, stream: SynthesisStream, piece: Piece) -> None:
         now = self._clock()
         seconds = piece.audio.size / self.sample_rate
         if not stream._audio_started:
