@@ -23,7 +23,10 @@ SAMPLES_PER_CHAR = 100
 
 
 def fake_samples(group: str) -> int:
-    return len(group) * SAMPLES_PER_CHAR
+    """Samples the fake speaks for a group: per character, spaces not counted, so
+    that a reply's audio is as long however its sentences were grouped (a stream
+    may hand sentences over early, in smaller groups)."""
+    return sum(not char.isspace() for char in group) * SAMPLES_PER_CHAR
 
 
 def fake_bytes(text: str) -> int:
@@ -32,7 +35,7 @@ def fake_bytes(text: str) -> int:
 
 
 class FakeBackend(SpeechBackend):
-    """Speaks SAMPLES_PER_CHAR samples per character of each group, after `delay`
+    """Speaks `fake_samples(group)` samples for each group, after `delay`
     seconds (checking should_stop every few ms, as the real one does per token).
 
     Records every group it was asked for, and which ones ended how.

@@ -12,7 +12,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from wyoming.tts import Synthesize, SynthesizeVoice
 
-from tests.fakes import FakeBackend
+from tests.fakes import FakeBackend, fake_samples
 from tests.wyoming_client import connect, free_port
 from wyoming_chatterbox.__main__ import run_server
 from wyoming_chatterbox.handler import ServerSettings
@@ -98,7 +98,7 @@ async def test_metrics_follow_the_replies(caplog: pytest.LogCaptureFixture) -> N
     assert after[f"{P}_synthesis_seconds_count{{}}"] == 1
     assert after[f"{P}_sentence_groups_total{{}}"] == 3
     assert after[f"{P}_audio_seconds_total{{}}"] == pytest.approx(
-        len("One. Two sentences here.") * 100 / 24000, abs=0.01
+        fake_samples("One. Two sentences here.") / 24000, abs=0.01
     )
     assert after[f"{P}_queue_depth{{}}"] == 0
 
@@ -106,7 +106,7 @@ async def test_metrics_follow_the_replies(caplog: pytest.LogCaptureFixture) -> N
     assert len(lines) == 2  # the rejected request has no reply line
     done = re.fullmatch(
         r"Reply done: voice=default language=en chars=24 groups=2 "
-        r"first_audio=\d\.\d{3}s total=\d\.\d\ds audio=0\.10s rtf=\d+\.\d\d",
+        r"first_audio=\d\.\d{3}s total=\d\.\d\ds audio=0\.09s rtf=\d+\.\d\d",
         lines[0],
     )
     assert done, lines[0]

@@ -21,7 +21,13 @@ from wyoming.tts import (
     SynthesizeVoice,
 )
 
-from tests.fakes import FakeClipBackend, FakeMultilingualBackend, fake_bytes, write_clip
+from tests.fakes import (
+    FakeClipBackend,
+    FakeMultilingualBackend,
+    fake_bytes,
+    fake_samples,
+    write_clip,
+)
 from tests.wyoming_client import Client, connect
 from wyoming_chatterbox.engine import SamplingParams
 from wyoming_chatterbox.handler import ServerSettings
@@ -196,7 +202,7 @@ async def test_sentence_silence_between_groups_only(serve) -> None:
     pause = int(0.25 * RATE) * 2
     assert len(reply.audio) == fake_bytes(text) + pause * (len(groups) - 1)
     samples = np.frombuffer(reply.audio, np.int16)
-    first = len(groups[0]) * 100
+    first = fake_samples(groups[0])
     assert (samples[first : first + pause // 2] == 0).all()
     assert samples[first + pause // 2] != 0
     assert samples[-1] != 0  # no pause at the end
