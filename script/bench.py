@@ -979,6 +979,7 @@ async def serve_in_process(
         samples_per_chunk=args.samples_per_chunk,
         loudness=args.loudness,
         warm_up=True,
+        early_release=not args.no_early_release,
         max_connections=max(64, max(args.concurrency or [1]) + 8),
     )
     ready = asyncio.Event()
@@ -1327,6 +1328,12 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="S",
         help="--fake: seconds each sentence group takes (default: 0)",
     )
+    parser.add_argument(
+        "--no-early-release",
+        action="store_true",
+        help="in-process server: streams wait for full sentence groups even when "
+        "the listener runs dry (the server's --no-early-release)",
+    )
     parser.add_argument("--cases", type=_csv_cases, default=["a", "b", "c"])
     parser.add_argument("--rounds", type=int, help="measured rounds (default 10)")
     parser.add_argument("--warmup", type=int, help="unmeasured rounds (default 2)")
@@ -1494,6 +1501,11 @@ def main(argv: Optional[List[str]] = None) -> int:
         fast.describe(device if device != "remote" else "cuda")
         if fast is not None
         else "n/a"
+    )
+    meta["switches"] += (
+        "; streams wait for full groups (--no-early-release)"
+        if args.no_early_release
+        else "; early release of held sentences"
     )
     if args.uri:
         meta["switches"] = "those of the remote server (the flags here are unused)"

@@ -213,6 +213,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="do not advertise streaming; streamed text is spoken once it is complete",
     )
     parser.add_argument(
+        "--no-early-release",
+        action="store_true",
+        help="in a stream, always wait for a sentence group to fill (up to three "
+        "sentences) even if the listener runs out of audio meanwhile",
+    )
+    parser.add_argument(
         "--idle-unload",
         type=_positive_float,
         metavar="SECONDS",
@@ -637,6 +643,7 @@ def main(argv: Optional[list] = None) -> None:
         params=dataclasses.replace(backend.default_params, **overrides),
         samples_per_chunk=args.samples_per_chunk,
         streaming=not args.no_streaming,
+        early_release=not args.no_early_release,
         clean_text=not args.no_text_cleanup,
         loudness=args.loudness,
         sentence_silence=args.sentence_silence,

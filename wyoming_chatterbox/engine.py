@@ -204,6 +204,10 @@ class SynthesisStream:
         # the audio made since; before any audio, when the stream opened.
         self._deadline = worker._clock()
         self._audio_started = False
+        self._group_started = 0.0  # when the worker began the group being spoken
+        # Called on the event loop when the worker has no more of this stream's
+        # text to speak (set by whoever feeds it; see starving_in).
+        self.on_idle: Optional[Callable[[], None]] = None
 
     @property
     def cancelled(self) -> bool:
@@ -220,6 +224,30 @@ class SynthesisStream:
     def cancel(self) -> None:
         """Abandon the reply: pending groups are dropped, the group in flight stops."""
         self._worker._cancel(self)
+
+    def starving_in(self) -> Optional[float]:
+        """Seconds left to hand the worker more text before the listener hears
+        a silence; <= 0: now.
+
+        The listener is assumed to play the audio in real time from its first
+        piece; the worker needs a lead (`EngineWorker.release_lead`) to make
+        the first piece of a new group.  None while the worker still has text
+        of this stream, in flight or queued (more audio is on its way: ask
+        again after `on_idle`), and once the stream is closed or cancelled.
+        """
+        worker = self._worker
+        with worker._cond:
+            if (
+                self._pending
+                or self._in_flight
+                or self._closed
+                or self._failed
+                or self.cancelled
+            ):
+                return None
+            if not self._audio_started:
+                return 0.0  # nothing spoken yet (the first group was unspeakable)
+            return self._deadline - worker._clock() - worker.release_lead()
 
     async def pieces(self) -> AsyncIterator[Piece]:
         """Audio pieces in order; ends after close() and the last group.
@@ -280,6 +308,9 @@ class EngineWorker:
         # closes it (its backend state, e.g. a KV cache slot, is the worker's).
         self._abandoned: List[SynthesisStream] = []
         self._stopping = False
+        # Seconds from beginning a group to its first piece, smoothed: how long
+        # ahead a listener's new text must reach the worker (release_lead).
+        self._first_piece_s: Optional[float] = None
         self._background_due = True  # backend.background_work may have work
         self._thread: Optional[threading.Thread] = None
         self._loaded: "Optional[asyncio.Future[None]]" = None
@@ -535,6 +566,21 @@ class EngineWorker:
             self._last_active = self._clock()
         _LOGGER.info("Model back in %.1f s", self._clock() - started)
 
+    # release_lead = RELEASE_LEAD_FACTOR * (time to a group's first piece) +
+    # RELEASE_MARGIN_S: early rather than late, since late is a silence and
+    # early only a smaller group.
+    RELEASE_LEAD_FACTOR = 2.0
+    RELEASE_MARGIN_S = 0.25
+    FIRST_PIECE_GUESS_S = 0.5  # before any group has been spoken
+
+    def release_lead(self) -> float:
+        """Seconds of audio a listener should still have when new text is handed
+        to the worker, for its first piece to come before the audio runs out."""
+        first_piece = self._first_piece_s
+        if first_piece is None:
+            first_piece = self.FIRST_PIECE_GUESS_S
+        return self.RELEASE_LEAD_FACTOR * first_piece + self.RELEASE_MARGIN_S
+
     def queue_depth(self) -> int:
         """Sentence groups waiting for the model, over all streams."""
         with self._cond:
@@ -566,6 +612,7 @@ class EngineWorker:
                 )
                 stream._group_text = text
                 stream._group_pieces = 0
+                stream._group_started = self._clock()
             assert stream._group is not None
             piece = next(stream._group)
         except StopIteration:
@@ -592,6 +639,10 @@ class EngineWorker:
                 int(self.sentence_silence * self.sample_rate), np.float32
             )
             self._put_audio(stream, Piece(audio=silence))
+        if stream._group_pieces == 0:
+            took = self._clock() - stream._group_started
+            last = self._first_piece_s
+            self._first_piece_s = took if last is None else 0.7 * last + 0.3 * took
         stream._group_pieces += 1
         self._put_audio(stream, self._level(stream, piece))
 
@@ -625,6 +676,9 @@ class EngineWorker:
                 return
             stream._put(_GROUP_END)
             self._end_if_done_locked(stream)
+            on_idle = stream.on_idle
+            if on_idle is not None and not stream._pending and not stream._ended:
+                stream._loop.call_soon_threadsafe(on_idle)
 
     def _level(self, stream: SynthesisStream, piece: Piece) -> Piece:
         """Bring the piece to the target loudness with the reply's one gain."""

@@ -70,6 +70,8 @@ class ServerSettings:
     params: SamplingParams = field(default_factory=SamplingParams)
     samples_per_chunk: int = 1024
     streaming: bool = True
+    # Streams: hand held-back sentences over before the listener runs dry.
+    early_release: bool = True
     clean_text: bool = True  # strip Markdown, emoji, URLs; say units in words
     loudness: Optional[float] = -16.0  # target LUFS of every reply; None: off
     sentence_silence: float = 0.0  # seconds of silence between groups
@@ -121,6 +123,7 @@ class _Reply:
         incremental: bool,
         clean: bool = True,
         max_chars: Optional[int] = None,
+        early_release: bool = True,
     ):
         self.stream = stream
         self.max_chars = max_chars
@@ -135,6 +138,12 @@ class _Reply:
         self._cleaner: Optional[TextCleaner] = (
             TextCleaner(stream.language) if clean else None
         )
+        # Streamed text: hands held-back sentences to the engine early when the
+        # listener would otherwise run out of audio (see _release_early).
+        self._early = early_release
+        self._watcher: "Optional[asyncio.Task[None]]" = None
+        self._wake = asyncio.Event()
+        self.early_releases = 0
 
     def feed(self, text: str) -> None:
         """Raises TextTooLong, with nothing of `text` queued, past max_chars."""
@@ -149,10 +158,52 @@ class _Reply:
     def _feed_clean(self, text: str) -> None:
         if self._splitter is None:
             self._buffer.append(text)
-        else:
-            self._submit(self._splitter.feed(text))
+            return
+        self._submit(self._splitter.feed(text))
+        if self._early and self._splitter.waiting:
+            if self._watcher is None:
+                self.stream.on_idle = self._wake.set
+                self._watcher = asyncio.create_task(self._release_early())
+            self._wake.set()
+
+    async def _release_early(self) -> None:
+        """Hand the sentences the splitter holds back (to fill a group of three)
+        to the engine as soon as waiting for more would leave a silence.
+
+        A short first sentence ("Sure!") is spoken in a moment, and the next
+        group may take the LLM seconds to complete: rather than a gap, the
+        sentences already complete go now, as a smaller group.  Runs until the
+        reply's text ends; woken by new text and by the engine going idle.
+        """
+        splitter = self._splitter
+        assert splitter is not None
+        while True:
+            self._wake.clear()
+            due: Optional[float] = None
+            if splitter.waiting:
+                due = self.stream.starving_in()
+                if due is not None and due <= 0:
+                    groups = splitter.release()
+                    self.early_releases += 1
+                    _LOGGER.debug("Listener about to run dry: speaking %r now", groups)
+                    self._submit(groups)
+                    continue
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._wake.wait(), due)
+
+    def _stop_watching(self) -> None:
+        self.stream.on_idle = None
+        if self._watcher is not None:
+            self._watcher.cancel()
+            self._watcher = None
+
+    def cancel(self) -> None:
+        """Abandon the reply (see SynthesisStream.cancel)."""
+        self._stop_watching()
+        self.stream.cancel()
 
     def finish(self) -> None:
+        self._stop_watching()
         if self._cleaner is not None:
             self._feed_clean(self._cleaner.flush())
         if self._splitter is None:
@@ -332,7 +383,7 @@ class ChatterboxEventHandler(AsyncEventHandler):
             _, pending = await asyncio.wait(tasks, timeout=grace)
             if pending:
                 for reply in list(self._replies):
-                    reply.stream.cancel()
+                    reply.cancel()
                 await asyncio.wait(pending, timeout=2.0)
         with contextlib.suppress(Exception):
             await self.stop()
@@ -418,7 +469,7 @@ class ChatterboxEventHandler(AsyncEventHandler):
         self._connections.handlers.discard(self)
         current = asyncio.current_task()
         for reply in list(self._replies):
-            reply.stream.cancel()
+            reply.cancel()
             if reply.task is not None and reply.task is not current:
                 reply.task.cancel()
         self._stream_reply = None
@@ -451,6 +502,7 @@ class ChatterboxEventHandler(AsyncEventHandler):
             incremental=streaming and self._settings.streaming,
             clean=self._settings.clean_text,
             max_chars=self._settings.max_text_chars,
+            early_release=self._settings.early_release,
         )
         # Replies on one connection are spoken one after another, never mixed.
         previous = self._replies[-1].task if self._replies else None
@@ -504,7 +556,7 @@ class ChatterboxEventHandler(AsyncEventHandler):
         except (ConnectionError, RuntimeError) as err:
             _LOGGER.debug("Client gone while sending audio: %s", err)
         finally:
-            reply.stream.cancel()
+            reply.cancel()
             self._replies.remove(reply)
             record = ReplyRecord(
                 outcome=outcome,

@@ -168,6 +168,26 @@ class IncrementalSplitter:
         self._pending = []
         return groups
 
+    @property
+    def waiting(self) -> int:
+        """Complete sentences held back to fill a group (not the one being written)."""
+        return len(self._pending)
+
+    def release(self) -> list[str]:
+        """Return the complete sentences held back, as groups, now.
+
+        For a listener about to run out of audio: a smaller group spoken now
+        beats a full one after a silence.  The text still being written stays;
+        later sentences are packed afresh.  Output after a release no longer
+        equals ``split_groups`` of the whole text.
+        """
+        groups = [
+            " ".join(group)
+            for group in _pack(self._pending, self._max_chars, self._max_sentences)
+        ]
+        self._pending = []
+        return groups
+
     def _settle(self, sentences: list[str], final: bool) -> list[str]:
         out: list[str] = []
         for sentence in sentences:
