@@ -53,6 +53,7 @@ class FakeBackend(SpeechBackend):
         self.finished: List[str] = []
         self.cancelled: List[str] = []
         self.asked_at: List[float] = []
+        self.asked_whole: List[str] = []  # groups asked for through synthesize_whole
         self.loaded = False
         self.closed = False
         self.loads = 0
@@ -102,6 +103,17 @@ class FakeBackend(SpeechBackend):
         yield Piece(
             audio=np.full(fake_samples(text), value, np.float32), tokens=len(text)
         )
+
+    def synthesize_whole(
+        self,
+        text: str,
+        voice: str,
+        language: str,
+        params: SamplingParams,
+        should_stop: Callable[[], bool],
+    ) -> Iterator[Piece]:
+        self.asked_whole.append(text)
+        return self.synthesize(text, voice, language, params, should_stop)
 
 
 class _FakeModel:

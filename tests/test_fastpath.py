@@ -51,6 +51,17 @@ def speak(backend, text: str = TEXT, params: SamplingParams = GREEDY) -> List[Pi
     return list(backend.synthesize(text, "default", "en", params, lambda: False))
 
 
+def test_a_one_shot_group_is_one_piece_and_one_s3gen_call(streaming) -> None:  # type: ignore[no-untyped-def]
+    pieces = list(
+        streaming.synthesize_whole(TEXT, "default", "en", GREEDY, lambda: False)
+    )
+    stats = streaming.group_stats[-1]
+    assert len(pieces) == 1 and stats["pieces"] == 1
+    assert stats["s3gen_tokens"] == [70 + SILENCE_TOKENS]
+    assert len(pieces[0].audio) == SAMPLES_PER_TOKEN * (70 + SILENCE_TOKENS)
+    assert pieces[0].tokens == 70
+
+
 def test_cpu_default_is_one_piece_per_group_and_cuda_streams() -> None:
     fast = FastPath()
     assert not fast.streams_in_group("cpu") and fast.streams_in_group("cuda")

@@ -141,6 +141,21 @@ async def test_streaming_fragments_mid_word(serve) -> None:
     assert len(reply.audio) == fake_bytes(FIVE_SENTENCES)
 
 
+async def test_one_shot_groups_are_spoken_whole_streams_in_pieces(serve) -> None:
+    """Home Assistant plays a one-shot reply only once it has all of it: pieces
+    within a group would be work for nothing there."""
+    async with serve() as server, connect(server.port) as client:
+        await client.send(Synthesize(text=FIVE_SENTENCES).event())
+        await client.read_reply()
+        assert server.backend.asked_whole == split_groups(FIVE_SENTENCES)
+        await client.send(SynthesizeStart().event())
+        await client.send(SynthesizeChunk(text="Streamed. Here.").event())
+        await client.send(SynthesizeStop().event())
+        await client.read_reply(streaming=True)
+    assert server.backend.asked_whole == split_groups(FIVE_SENTENCES)  # no more
+    assert server.backend.asked[-2:] == ["Streamed.", "Here."]
+
+
 async def test_streaming_speaks_first_group_before_stop(serve) -> None:
     async with serve() as server, connect(server.port) as client:
         await client.send(SynthesizeStart().event())

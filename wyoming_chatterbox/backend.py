@@ -203,11 +203,13 @@ class ChatterboxBackend(SpeechBackend):
         should_stop: Callable[[], bool],
         min_tokens: int,
         max_tokens: int,
+        whole: bool = False,
     ) -> Iterator[Piece]:
         """The group's audio in pieces; by default one piece from `_speak`.
 
         A subclass that makes audio while the model is still generating yields
-        each piece as soon as it is ready.
+        each piece as soon as it is ready, unless `whole` (nobody listens
+        before the end: one piece is less work).
         """
         audio, tokens, cut = self._speak(
             text, conds, language, params, should_stop, max_tokens
@@ -387,13 +389,34 @@ class ChatterboxBackend(SpeechBackend):
         params: SamplingParams,
         should_stop: Callable[[], bool],
     ) -> Iterator[Piece]:
+        return self._synthesize(text, voice, language, params, should_stop, False)
+
+    def synthesize_whole(
+        self,
+        text: str,
+        voice: str,
+        language: str,
+        params: SamplingParams,
+        should_stop: Callable[[], bool],
+    ) -> Iterator[Piece]:
+        return self._synthesize(text, voice, language, params, should_stop, True)
+
+    def _synthesize(
+        self,
+        text: str,
+        voice: str,
+        language: str,
+        params: SamplingParams,
+        should_stop: Callable[[], bool],
+        whole: bool,
+    ) -> Iterator[Piece]:
         text = text.strip()
         if not text:
             return
         conds = self._conditionals_for(voice)
         min_tokens, max_tokens = self._token_range(text)
         yield from self._speak_pieces(
-            text, conds, language, params, should_stop, min_tokens, max_tokens
+            text, conds, language, params, should_stop, min_tokens, max_tokens, whole
         )
 
     def background_work(self) -> bool:

@@ -146,6 +146,19 @@ class SpeechBackend(ABC):
     ) -> Iterator[Piece]:
         """Speak one sentence group; raise SynthesisCancelled when should_stop()."""
 
+    def synthesize_whole(
+        self,
+        text: str,
+        voice: str,
+        language: str,
+        params: SamplingParams,
+        should_stop: Callable[[], bool],
+    ) -> Iterator[Piece]:
+        """Speak one group for a listener who plays nothing before the reply
+        ends (Home Assistant's one-shot synthesize): pieces within the group
+        would only add work. By default the same as synthesize()."""
+        return self.synthesize(text, voice, language, params, should_stop)
+
     def warm_up(self) -> None:
         """One short generation after load, so the first request is not slow."""
 
@@ -179,8 +192,12 @@ class SynthesisStream:
         language: str,
         params: SamplingParams,
         loop: asyncio.AbstractEventLoop,
+        whole: bool = False,
     ) -> None:
         self.voice = voice
+        # The listener plays nothing before the end (a one-shot reply): each
+        # group in one piece (SpeechBackend.synthesize_whole).
+        self.whole = whole
         self.language = language
         self.params = params
         self._worker = worker
@@ -362,10 +379,16 @@ class EngineWorker:
         return voices
 
     def open_stream(
-        self, voice: str, params: SamplingParams, language: str = ""
+        self,
+        voice: str,
+        params: SamplingParams,
+        language: str = "",
+        whole: bool = False,
     ) -> SynthesisStream:
+        """A new reply; `whole` when its listener waits for all of it before
+        playing (a one-shot synthesize), so pieces within a group are no use."""
         stream = SynthesisStream(
-            self, voice, language, params, asyncio.get_running_loop()
+            self, voice, language, params, asyncio.get_running_loop(), whole
         )
         with self._cond:
             self._streams.append(stream)
@@ -605,8 +628,13 @@ class EngineWorker:
                     raise EngineError(
                         "the model could not be loaded again; see the log"
                     )
+                speak = (
+                    self.backend.synthesize_whole
+                    if stream.whole
+                    else self.backend.synthesize
+                )
                 stream._group = iter(
-                    self.backend.synthesize(
+                    speak(
                         text, stream.voice, stream.language, stream.params, should_stop
                     )
                 )

@@ -495,7 +495,10 @@ class ChatterboxEventHandler(AsyncEventHandler):
         params = dataclasses.replace(
             self._settings.params, **resolved.params  # type: ignore[arg-type]
         )
-        stream = self._engine.open_stream(resolved.name, params, resolved.language)
+        # Home Assistant plays a one-shot reply only once all of it has come.
+        stream = self._engine.open_stream(
+            resolved.name, params, resolved.language, whole=not streaming
+        )
         reply = _Reply(
             stream,
             streaming=streaming,

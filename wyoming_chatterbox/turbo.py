@@ -40,7 +40,12 @@ from typing import (
 
 import numpy as np
 
-from .backend import MAX_SPEECH_TOKENS, SPEECH_VOCAB_REAL, ChatterboxBackend
+from .backend import (
+    BUILTIN_VOICE,
+    MAX_SPEECH_TOKENS,
+    SPEECH_VOCAB_REAL,
+    ChatterboxBackend,
+)
 from .download import MODEL_FILES, ensure_model
 from .engine import ModelLoadError, Piece, SamplingParams, SynthesisCancelled
 from .fastpath import FastPath
@@ -289,6 +294,12 @@ class TurboBackend(ChatterboxBackend):
         if self._decoder is not None:
             self._decoder.warm_up()
         super().warm_up()
+        if self.fast.streams_in_group(self.device):
+            # One-shot replies take the whole-group path (one S3Gen call).
+            for _ in self.synthesize_whole(
+                "Warming up.", BUILTIN_VOICE, "en", self.default_params, lambda: False
+            ):
+                pass
 
     def close(self) -> None:
         if self._decoder is not None:
@@ -399,6 +410,7 @@ class TurboBackend(ChatterboxBackend):
         should_stop: Callable[[], bool],
         min_tokens: int,
         max_tokens: int,
+        whole: bool = False,
     ) -> Iterator[Piece]:
         import torch
         from chatterbox.tts_turbo import punc_norm
@@ -420,7 +432,7 @@ class TurboBackend(ChatterboxBackend):
                 conds, text_tokens, params, should_stop, min_tokens, max_tokens
             )
         pieces: Generator[Piece, None, None]
-        if self.fast.streams_in_group(self.device):
+        if not whole and self.fast.streams_in_group(self.device):
             pieces = self._stream_group(conds, generation, should_stop, stats)
         else:
             pieces = self._whole_group(conds, generation, should_stop, stats)
