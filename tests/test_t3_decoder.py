@@ -475,6 +475,81 @@ def test_bfloat16_agrees_with_float32_and_releases(
 
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+class _ReplayedStep:
+    """A stand-in for a captured CUDA graph on the CPU: replay() runs the body
+    the graph would hold (T3Decoder._step with no host-known length)."""
+
+    def __init__(self, dec: T3Decoder, slot: Any) -> None:
+        self.dec, self.slot, self.replays = dec, slot, 0
+
+    def replay(self) -> None:
+        self.replays += 1
+        self.dec._step(self.slot)
+
+
+def test_graph_body_and_capture_protocol_on_the_cpu(
+    model: Any, rand_t3: Any, monkeypatch: Any
+) -> None:
+    """What a CUDA graph replays, run on the CPU: the step with fixed shapes
+    (attention over the whole cache, masked by the position tensor), in a slot
+    left dirty the way capture leaves it (two warm-up steps). The same greedy
+    tokens as the eager step with host-known lengths, also when a slot is
+    reused by the next generation."""
+
+    def capture(self: T3Decoder, slot: Any) -> None:
+        slot.pos.zero_()
+        for _ in range(2):  # as _capture's warm-up: junk in cache, token, out
+            self._step(slot)
+        # Worse junk than that: whatever a slot holds must not matter.
+        generator = torch.Generator().manual_seed(7)
+        slot.cache.copy_(torch.randn(slot.cache.shape, generator=generator))
+        slot.logits.copy_(torch.randn(slot.logits.shape, generator=generator))
+        slot.out.fill_(3)
+        slot.pos.zero_()
+        slot.step.zero_()
+        slot.graph = _ReplayedStep(self, slot)
+
+    # This tiny T3's tokens hardly depend on the context, so the logits of
+    # every step are compared too: a mask that let a step see the junk past
+    # its position would show there.
+    sample = T3Decoder._sample
+    seen_logits: List[torch.Tensor] = []
+
+    def recording_sample(self: T3Decoder, slot: Any) -> None:
+        seen_logits.append(slot.logits.clone())
+        sample(self, slot)
+
+    monkeypatch.setattr(T3Decoder, "_sample", recording_sample)
+    text, other = _text(model), _text(model, OTHER_TEXT)
+    runs, logits = [], []
+    for graphs in [False, True]:
+        seen_logits.clear()
+        decoder = T3Decoder(rand_t3, "cpu", torch.float32)
+        if graphs:
+            monkeypatch.setattr(T3Decoder, "_capture", capture)
+            decoder.cuda_graphs = True
+        prefix = decoder.prefix(model.conds.t3)
+        runs.append(
+            [
+                _tokens(decoder.generate(prefix, text, GREEDY, _never, 30, 40)),
+                _tokens(decoder.generate(prefix, other, GREEDY, _never, 0, 25)),
+                _tokens(decoder.generate(prefix, text, GREEDY, _never, 30, 40)),
+            ]
+        )
+        if graphs:
+            assert decoder.free_slots == 1  # one slot, reused: its state reset
+            # Every token came from a replay (blocks of 8 may run past a stop).
+            replays = decoder._free[0].graph.replays
+            assert replays >= sum(map(len, runs[-1])) > 0
+            seen_logits[:] = seen_logits[2:]  # the capture's own warm-up steps
+        logits.append(torch.cat(seen_logits))
+        decoder.close()
+    assert runs[0] == runs[1]
+    assert runs[1][0] == runs[1][2]
+    assert logits[0].shape == logits[1].shape
+    torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
+
+
 def test_cuda_graph_replay_matches_eager(model: Any, rand_t3: Any) -> None:
     t3 = copy.deepcopy(rand_t3).to("cuda")
     cond = copy.deepcopy(model.conds.t3).to(device="cuda")
