@@ -307,8 +307,16 @@ class CallRecorder:
     def __init__(self, backend: SpeechBackend) -> None:
         self.calls: List[Dict[str, Any]] = []
         self.sample_rate = backend.sample_rate
-        original = backend.synthesize
+        # One-shot replies come through synthesize_whole; its default calls
+        # synthesize, so it is wrapped only where a backend has its own.
+        names = ["synthesize"]
+        if type(backend).synthesize_whole is not SpeechBackend.synthesize_whole:
+            names.append("synthesize_whole")
+        for name in names:
+            # An instance attribute shadows the method: the engine calls this.
+            setattr(backend, name, self._wrap(getattr(backend, name)))
 
+    def _wrap(self, original: Callable[..., Iterator[Piece]]) -> Callable[..., Any]:
         def timed(
             text: str,
             voice: str,
@@ -318,8 +326,7 @@ class CallRecorder:
         ) -> Iterator[Piece]:
             return self._timed(original, text, voice, language, params, should_stop)
 
-        # An instance attribute shadows the method: the engine calls this one.
-        backend.synthesize = timed  # type: ignore[method-assign]
+        return timed
 
     def _timed(
         self, original: Callable[..., Iterator[Piece]], text: str, *args: Any

@@ -139,3 +139,38 @@ def test_playback_gaps_count_only_silence_beyond_real_time() -> None:
     assert gaps["max_gap_s"] == pytest.approx(0.5)
     assert gaps["total_gap_s"] == pytest.approx(0.5)
     assert gaps["audible_gaps"] == 1
+
+
+def test_one_shot_calls_are_timed_whichever_method_serves_them() -> None:
+    """The engine asks synthesize_whole for one-shot replies: a backend with its
+    own (Turbo) must be timed there, one with the default through synthesize,
+    and neither twice."""
+    import numpy as np
+
+    from wyoming_chatterbox.engine import Piece, SamplingParams
+
+    class Plain(bench.SpeechBackend):  # type: ignore[name-defined,misc]
+        sample_rate = 24000
+
+        def load(self) -> None:
+            pass
+
+        def voices(self) -> list:
+            return []
+
+        def synthesize(self, text, voice, language, params, should_stop):  # type: ignore[no-untyped-def]
+            yield Piece(np.zeros(2400, np.float32), tokens=3)
+
+    class Own(Plain):
+        def synthesize_whole(self, text, voice, language, params, should_stop):  # type: ignore[no-untyped-def]
+            yield Piece(np.zeros(4800, np.float32), tokens=6)
+
+    for cls, samples in [(Plain, 2400), (Own, 4800)]:
+        backend = cls()
+        recorder = bench.CallRecorder(backend)
+        for speak in (backend.synthesize_whole, backend.synthesize):
+            pieces = list(speak("Hi.", "v", "en", SamplingParams(), lambda: False))
+            assert len(pieces) == 1
+        assert len(recorder.calls) == 2, cls
+        assert recorder.calls[0]["audio_s"] == samples / 24000
+        assert recorder.calls[1]["audio_s"] == 0.1
