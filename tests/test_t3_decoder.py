@@ -474,7 +474,6 @@ def test_bfloat16_agrees_with_float32_and_releases(
 # ------------------------------------------------------------------ CUDA
 
 
-@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 class _ReplayedStep:
     """A stand-in for a captured CUDA graph on the CPU: replay() runs the body
     the graph would hold (T3Decoder._step with no host-known length)."""
@@ -550,6 +549,7 @@ def test_graph_body_and_capture_protocol_on_the_cpu(
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_replay_matches_eager(model: Any, rand_t3: Any) -> None:
     t3 = copy.deepcopy(rand_t3).to("cuda")
     cond = copy.deepcopy(model.conds.t3).to(device="cuda")
