@@ -549,6 +549,41 @@ def test_graph_body_and_capture_protocol_on_the_cpu(
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
 
 
+def test_a_failed_capture_falls_back_to_the_eager_step(
+    model: Any, rand_t3: Any, monkeypatch: Any, caplog: Any
+) -> None:
+    """Graph capture has never run on every GPU, driver and PyTorch: if it
+    fails, the decoder says so once and speaks without graphs."""
+    attempts = []
+
+    def failing_capture(self: T3Decoder, slot: Any) -> None:
+        attempts.append(slot)
+        self._step(slot)  # leaves junk, as a capture that broke midway would
+        raise RuntimeError("operation not permitted when stream is capturing")
+
+    text = _text(model)
+    plain = T3Decoder(rand_t3, "cpu", torch.float32)
+    expected = _tokens(
+        plain.generate(plain.prefix(model.conds.t3), text, GREEDY, _never, 30, 40)
+    )
+    plain.close()
+
+    monkeypatch.setattr(T3Decoder, "_capture", failing_capture)
+    decoder = T3Decoder(rand_t3, "cpu", torch.float32)
+    decoder.cuda_graphs = True
+    with caplog.at_level("WARNING", logger="wyoming_chatterbox.t3_decoder"):
+        decoder.warm_up()
+    assert "Could not capture" in caplog.text
+    assert decoder.cuda_graphs is False
+    prefix = decoder.prefix(model.conds.t3)
+    first = decoder.generate(prefix, text, GREEDY, _never, 30, 40)
+    head = next(first)  # holds the warmed-up slot
+    second = _tokens(decoder.generate(prefix, text, GREEDY, _never, 30, 40))
+    assert head + _tokens(first) == expected == second
+    assert len(attempts) == 1  # tried once, not for the second slot
+    decoder.close()
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
 def test_cuda_graph_replay_matches_eager(model: Any, rand_t3: Any) -> None:
     t3 = copy.deepcopy(rand_t3).to("cuda")

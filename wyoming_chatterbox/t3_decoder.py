@@ -402,7 +402,19 @@ class T3Decoder:
                 _LOGGER.warning("%s T3 decoder slots alive", self._n_slots)
         slot = _Slot(self)
         if self.cuda_graphs:
-            self._capture(slot)
+            try:
+                self._capture(slot)
+            except Exception:  # pylint: disable=broad-except
+                # Capture depends on the GPU, driver and PyTorch at hand; slower
+                # speech beats none. The slot is set up afresh before use.
+                _LOGGER.warning(
+                    "Could not capture T3's decode step as a CUDA graph; decoding "
+                    "without graphs from now on (slower). Please report this with "
+                    "the error below. --no-cuda-graphs skips the attempt.",
+                    exc_info=True,
+                )
+                self.cuda_graphs = False
+                slot.graph = None
         return slot
 
     def _release(self, slot: _Slot) -> None:
