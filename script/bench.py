@@ -987,6 +987,7 @@ async def serve_in_process(
         loudness=args.loudness,
         warm_up=True,
         early_release=not args.no_early_release,
+        speculative_start=not args.no_speculative_start,
         max_connections=max(64, max(args.concurrency or [1]) + 8),
     )
     ready = asyncio.Event()
@@ -1341,6 +1342,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="in-process server: streams wait for full sentence groups even when "
         "the listener runs dry (the server's --no-early-release)",
     )
+    parser.add_argument(
+        "--no-speculative-start",
+        action="store_true",
+        help="in-process server: a stream's first sentence begins only once the "
+        "next word confirms its end (the server's --no-speculative-start)",
+    )
     parser.add_argument("--cases", type=_csv_cases, default=["a", "b", "c"])
     parser.add_argument("--rounds", type=int, help="measured rounds (default 10)")
     parser.add_argument("--warmup", type=int, help="unmeasured rounds (default 2)")
@@ -1513,6 +1520,10 @@ def main(argv: Optional[List[str]] = None) -> int:
         "; streams wait for full groups (--no-early-release)"
         if args.no_early_release
         else "; early release of held sentences"
+    ) + (
+        "; first sentence begun only once certain (--no-speculative-start)"
+        if args.no_speculative_start
+        else "; first sentence begun at its full stop"
     )
     if args.uri:
         meta["switches"] = "those of the remote server (the flags here are unused)"

@@ -219,6 +219,13 @@ def build_parser() -> argparse.ArgumentParser:
         "sentences) even if the listener runs out of audio meanwhile",
     )
     parser.add_argument(
+        "--no-speculative-start",
+        action="store_true",
+        help="in a stream, begin the first sentence only once the next word has "
+        "come (sure it has ended) rather than at its full stop (first audio a few "
+        "tens of milliseconds later)",
+    )
+    parser.add_argument(
         "--idle-unload",
         type=_positive_float,
         metavar="SECONDS",
@@ -644,6 +651,7 @@ def main(argv: Optional[list] = None) -> None:
         samples_per_chunk=args.samples_per_chunk,
         streaming=not args.no_streaming,
         early_release=not args.no_early_release,
+        speculative_start=not args.no_speculative_start,
         clean_text=not args.no_text_cleanup,
         loudness=args.loudness,
         sentence_silence=args.sentence_silence,

@@ -222,6 +222,9 @@ class SynthesisStream:
         self._deadline = worker._clock()
         self._audio_started = False
         self._group_started = 0.0  # when the worker began the group being spoken
+        # The stream whose audio comes before this one's (see follow); the
+        # worker begins this one's groups only after that one has spoken.
+        self._after: Optional["SynthesisStream"] = None
         # Called on the event loop when the worker has no more of this stream's
         # text to speak (set by whoever feeds it; see starving_in).
         self.on_idle: Optional[Callable[[], None]] = None
@@ -241,6 +244,14 @@ class SynthesisStream:
     def cancel(self) -> None:
         """Abandon the reply: pending groups are dropped, the group in flight stops."""
         self._worker._cancel(self)
+
+    def follow(self, before: "SynthesisStream") -> None:
+        """This stream's audio continues `before`'s (a first sentence begun in a
+        stream of its own before its text was certain): its groups begin only
+        once `before` has spoken, and carry on its loudness gain, its listener's
+        clock and its pauses between groups. Call before adding any group."""
+        with self._worker._cond:
+            self._after = before
 
     def starving_in(self) -> Optional[float]:
         """Seconds left to hand the worker more text before the listener hears
@@ -262,9 +273,14 @@ class SynthesisStream:
                 or self.cancelled
             ):
                 return None
-            if not self._audio_started:
+            source = self
+            if not self._audio_started and self._after is not None:
+                source = self._after  # this stream's audio follows that one's
+                if source._pending or source._in_flight:
+                    return None
+            if not source._audio_started:
                 return 0.0  # nothing spoken yet (the first group was unspeakable)
-            return self._deadline - worker._clock() - worker.release_lead()
+            return source._deadline - worker._clock() - worker.release_lead()
 
     async def pieces(self) -> AsyncIterator[Piece]:
         """Audio pieces in order; ends after close() and the last group.
@@ -470,11 +486,25 @@ class EngineWorker:
         room = active < self.max_active_groups
         for stream in self._streams:
             ready = stream._group is not None or (
-                room and bool(stream._pending) and stream._ahead < self.max_groups_ahead
+                room
+                and bool(stream._pending)
+                and stream._ahead < self.max_groups_ahead
+                and not self._waits_for_before(stream)
             )
             if ready and (best is None or stream._deadline < best._deadline):
                 best = stream
         return best
+
+    @staticmethod
+    def _waits_for_before(stream: SynthesisStream) -> bool:
+        """Whether the stream it follows is still speaking (see follow)."""
+        before = stream._after
+        return (
+            before is not None
+            and not before.cancelled
+            and not before._failed
+            and (before._in_flight or bool(before._pending))
+        )
 
     def _run(self, loop: asyncio.AbstractEventLoop) -> None:
         assert self._loaded is not None
@@ -640,6 +670,14 @@ class EngineWorker:
                 )
                 stream._group_text = text
                 stream._group_pieces = 0
+                before = stream._after
+                if before is not None and stream._groups_done == 0:
+                    # Carry on from the audio that comes before (worker-owned
+                    # state; that stream has finished speaking).
+                    stream._loudness = before._loudness
+                    stream._deadline = before._deadline
+                    stream._audio_started = before._audio_started
+                    stream._groups_done = before._groups_done
                 stream._group_started = self._clock()
             assert stream._group is not None
             piece = next(stream._group)

@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass, field
-from typing import Callable, List, Optional, Set
+from typing import AsyncIterator, Callable, List, Optional, Set, Tuple
 
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.error import Error
@@ -34,6 +34,7 @@ from .audio import CHANNELS, SAMPLE_WIDTH, float_to_pcm16, iter_chunks
 from .engine import (
     EngineError,
     EngineWorker,
+    Piece,
     SamplingParams,
     SynthesisStream,
     UnknownVoice,
@@ -72,6 +73,8 @@ class ServerSettings:
     streaming: bool = True
     # Streams: hand held-back sentences over before the listener runs dry.
     early_release: bool = True
+    # Streams: begin the first sentence before the word confirming its end.
+    speculative_start: bool = True
     clean_text: bool = True  # strip Markdown, emoji, URLs; say units in words
     loudness: Optional[float] = -16.0  # target LUFS of every reply; None: off
     sentence_silence: float = 0.0  # seconds of silence between groups
@@ -124,6 +127,7 @@ class _Reply:
         clean: bool = True,
         max_chars: Optional[int] = None,
         early_release: bool = True,
+        speculate: Optional[Callable[[], SynthesisStream]] = None,
     ):
         self.stream = stream
         self.max_chars = max_chars
@@ -144,6 +148,17 @@ class _Reply:
         self._watcher: "Optional[asyncio.Task[None]]" = None
         self._wake = asyncio.Event()
         self.early_releases = 0
+        # Streamed text: the first sentence begun on a guess, in a stream of its
+        # own, before the word that confirms its end has come (see _speculate).
+        self._speculate = speculate if self._splitter is not None else None
+        self._guess: Optional[Tuple[str, SynthesisStream]] = None
+        self._first: "asyncio.Future[Optional[SynthesisStream]]" = (
+            asyncio.get_running_loop().create_future()
+        )
+        self.guesses = 0  # first sentences begun on a guess
+        self.wrong_guesses = 0
+        if self._speculate is None:
+            self._first.set_result(None)
 
     def feed(self, text: str) -> None:
         """Raises TextTooLong, with nothing of `text` queued, past max_chars."""
@@ -160,11 +175,70 @@ class _Reply:
             self._buffer.append(text)
             return
         self._submit(self._splitter.feed(text))
+        self._speculate_first()
         if self._early and self._splitter.waiting:
             if self._watcher is None:
                 self.stream.on_idle = self._wake.set
                 self._watcher = asyncio.create_task(self._release_early())
             self._wake.set()
+
+    def _speculate_first(self) -> None:
+        """Begin the first sentence as soon as the text seems to end it.
+
+        The splitter is sure of a sentence end only once a whole word of the
+        next sentence has come (an abbreviation is not an end): an LLM takes
+        a few tens of milliseconds for that, which the engine spends making
+        the first audio instead. The guess goes to a stream of its own whose
+        audio is played only if the splitter's first group is the same text;
+        otherwise that stream is cancelled, unheard.
+        """
+        if self._speculate is None or self._first.done():
+            return
+        assert self._splitter is not None
+        if self._guess is not None:
+            if self._splitter.first_still_possible(self._guess[0]):
+                return
+            self._drop_guess()
+        guess = self._splitter.tentative_first()
+        if guess is None or not any(char.isalnum() for char in guess):
+            return
+        stream = self._speculate()
+        stream.add_group(guess)
+        stream.close()
+        stream.on_idle = self._wake.set
+        self._guess = (guess, stream)
+        self.guesses += 1
+        _LOGGER.debug("Beginning the first sentence on a guess: %r", guess)
+
+    def _drop_guess(self) -> None:
+        if self._guess is not None:
+            _LOGGER.debug("The first sentence was not %r", self._guess[0])
+            self._guess[1].cancel()
+            self._guess = None
+            self.wrong_guesses += 1
+
+    def _first_group(self, group: str) -> None:
+        """The splitter's first group: play the guess if it was this group."""
+        guess = self._guess
+        self._guess = None
+        if guess is not None and guess[0] == group:
+            self.stream.follow(guess[1])
+            self._first.set_result(guess[1])
+            return
+        if guess is not None:
+            self._guess = guess
+            self._drop_guess()
+        self.stream.add_group(group)
+        self._first.set_result(None)
+
+    async def pieces(self) -> AsyncIterator[Piece]:
+        """The reply's audio pieces, in order (see SynthesisStream.pieces)."""
+        first = await self._first
+        if first is not None:
+            async for piece in first.pieces():
+                yield piece
+        async for piece in self.stream.pieces():
+            yield piece
 
     async def _release_early(self) -> None:
         """Hand the sentences the splitter holds back (to fill a group of three)
@@ -192,6 +266,7 @@ class _Reply:
                 await asyncio.wait_for(self._wake.wait(), due)
 
     def _stop_watching(self) -> None:
+        self._early = False
         self.stream.on_idle = None
         if self._watcher is not None:
             self._watcher.cancel()
@@ -200,6 +275,15 @@ class _Reply:
     def cancel(self) -> None:
         """Abandon the reply (see SynthesisStream.cancel)."""
         self._stop_watching()
+        if self._guess is not None:
+            self._guess[1].cancel()
+            self._guess = None
+        if self._first.done():
+            first = self._first.result()
+            if first is not None:
+                first.cancel()
+        else:
+            self._first.set_result(None)
         self.stream.cancel()
 
     def finish(self) -> None:
@@ -210,6 +294,9 @@ class _Reply:
             self._submit(split_groups("".join(self._buffer)))
         else:
             self._submit(self._splitter.flush())
+        if not self._first.done():  # no speakable text at all
+            self._drop_guess()
+            self._first.set_result(None)
         self.stream.close()
 
     def _submit(self, groups: List[str]) -> None:
@@ -217,7 +304,10 @@ class _Reply:
             if not any(char.isalnum() for char in group):
                 continue  # "...", "?!", a lone emoji: nothing a voice can say
             self.groups += 1
-            self.stream.add_group(group)
+            if not self._first.done():
+                self._first_group(group)
+            else:
+                self.stream.add_group(group)
 
 
 class Connections:
@@ -506,6 +596,15 @@ class ChatterboxEventHandler(AsyncEventHandler):
             clean=self._settings.clean_text,
             max_chars=self._settings.max_text_chars,
             early_release=self._settings.early_release,
+            speculate=(
+                (
+                    lambda: self._engine.open_stream(
+                        resolved.name, params, resolved.language
+                    )
+                )
+                if self._settings.speculative_start
+                else None
+            ),
         )
         # Replies on one connection are spoken one after another, never mixed.
         previous = self._replies[-1].task if self._replies else None
@@ -528,7 +627,7 @@ class ChatterboxEventHandler(AsyncEventHandler):
             await self.write_event(
                 AudioStart(rate=rate, width=SAMPLE_WIDTH, channels=CHANNELS).event()
             )
-            async for piece in reply.stream.pieces():
+            async for piece in reply.pieces():
                 pcm = float_to_pcm16(piece.audio)
                 for chunk in iter_chunks(pcm, self._settings.samples_per_chunk):
                     await self.write_event(

@@ -64,6 +64,11 @@ _LIST_START_RE = re.compile(r"\s*(\d{1,3})([.)])(?=\s)")
 # "Steps: 1. ..." starts a list after a colon.
 _COLON_LIST_RE = re.compile(r"(?<=[:：])\s+(1[.)])(?=\s)")
 
+# Words a tentative sentence end is tried with: capitalised, as the next
+# sentence's first word would be. A name is the harder test: sentencex then
+# keeps "Dr.", "e.g.", "U.S.", "a.m." (which "The" would split after) joined.
+_PROBE_WORDS = ("The", "Jones")
+
 # Stands in for the "." of a list marker so sentencex does not end "1." there.
 _MARKER_PLACEHOLDER = "\ue000"
 
@@ -173,6 +178,31 @@ class IncrementalSplitter:
         """Complete sentences held back to fill a group (not the one being written)."""
         return len(self._pending)
 
+    def tentative_first(self) -> str | None:
+        """The first sentence, when the text so far seems to end it but the word
+        that would make that certain has not come yet.
+
+        A guess to start speaking on (the word after a full stop takes an LLM a
+        few tens of milliseconds): ``None`` once the first group was returned,
+        or unless the segmenter would end a sentence here were a capitalised
+        word to follow.  Check it with :meth:`first_still_possible`.
+        """
+        if self._first_emitted:
+            return None
+        return self._scanner.tentative(self._max_chars)
+
+    def first_still_possible(self, guess: str) -> bool:
+        """False once the text has shown that ``guess`` is not the first
+        sentence (the first group differs from it, or a whole word came after
+        it without ending it there)."""
+        if self._first_emitted:
+            return False
+        tail = " ".join(self._scanner.tail.split())
+        if not tail.startswith(guess):
+            return False
+        rest = tail[len(guess) :]
+        return not rest or (rest[0] == " " and not _has_complete_word(rest))
+
     def release(self) -> list[str]:
         """Return the complete sentences held back, as groups, now.
 
@@ -249,6 +279,25 @@ class _SentenceScanner:
         self._tail += lines[-1]
         self._scan(out)
         return out
+
+    @property
+    def tail(self) -> str:
+        """Text not yet returned as sentences."""
+        return self._tail
+
+    def tentative(self, max_chars: int) -> str | None:
+        """See IncrementalSplitter.tentative_first."""
+        text = self._tail.strip()
+        if not text or len(text) > max_chars or _LINE_BREAK_RE.search(text):
+            return None
+        if not _has_alnum(text) or not _has_trigger(text[-1]):
+            return None
+        for word in _PROBE_WORDS:
+            probe = text + " " + word
+            ends = _segment_ends(probe, final=False)
+            if len(ends) < 2 or probe[: ends[0]].strip() != text:
+                return None
+        return " ".join(text.split())
 
     def finish(self) -> list[str]:
         """End of text: return the remaining sentences and reset."""
