@@ -10,7 +10,7 @@ import dataclasses
 import gc
 import itertools
 from pathlib import Path
-from typing import Any, Iterable, Iterator, List, Tuple
+from typing import Any, Dict, Iterable, Iterator, List, Tuple
 
 import pytest
 import torch
@@ -240,27 +240,43 @@ def test_draw_is_multinomial() -> None:
 def test_penalty_sees_start_token_first_then_generated(dec: Any) -> None:
     """The seen mask: the start token at step 0, the generated tokens after."""
     with torch.inference_mode():
-        slot = dec._acquire()
+        row = dec._acquire()
         try:
-            slot.logits.zero_()
-            slot.logits[0, 100] = 50.0
-            slot.temperature.fill_(1.0)
-            slot.kth.fill_(0)
-            slot.top_p_cut.fill_(-1.0)
-            slot.penalty.fill_(1.2)
-            slot.min_tokens.fill_(0)
-            slot.step.zero_()
-            slot.seen.zero_()
-            slot.seen[0, dec.start_token] = True
-            dec._sample(slot)
-            assert slot.seen.nonzero()[:, 1].tolist() == [100]
-            slot.logits[0, 100] = -50.0
-            slot.logits[0, 200] = 50.0
-            dec._sample(slot)
-            assert slot.seen.nonzero()[:, 1].tolist() == [100, 200]
-            assert slot.out[:2].tolist() == [100, 200] and int(slot.step) == 2
+            pool = dec._pool
+            pool.logits[row].zero_()
+            pool.logits[row, 100] = 50.0
+            pool.temperature[row] = 1.0
+            pool.kth[row] = 0
+            pool.top_p_cut[row] = -1.0
+            pool.penalty[row] = 1.2
+            pool.min_tokens[row] = 0
+            pool.step[row] = 0
+            pool.seen[row] = False
+            pool.seen[row, dec.start_token] = True
+            pool.active[row] = True
+            idx = torch.tensor([row])
+            dec._sample(pool, idx)
+            assert pool.seen[row].nonzero()[:, 0].tolist() == [100]
+            pool.logits[row, 100] = -50.0
+            pool.logits[row, 200] = 50.0
+            dec._sample(pool, idx)
+            assert pool.seen[row].nonzero()[:, 0].tolist() == [100, 200]
+            assert pool.out[row, :2].tolist() == [100, 200]
+            assert int(pool.step[row]) == 2
+            # A row left out of the step keeps its state, at any step.
+            pool.active[row] = False
+            pool.logits[row, 300] = 90.0
+            dec._sample(pool, idx)
+            assert pool.seen[row].nonzero()[:, 0].tolist() == [100, 200]
+            assert int(pool.step[row]) == 2 and int(pool.token[row]) == 200
+            pool.step[row] = 0
+            pool.seen[row] = False
+            pool.seen[row, dec.start_token] = True
+            dec._sample(pool, idx)
+            assert pool.seen[row].nonzero()[:, 0].tolist() == [dec.start_token]
+            assert int(pool.step[row]) == 0 and int(pool.token[row]) == 200
         finally:
-            dec._release(slot)
+            dec._release(row)
 
 
 # ------------------------------------------------------- stop, min and max
@@ -360,9 +376,9 @@ def _counting(decoder: T3Decoder, monkeypatch: Any) -> List[int]:
     count = [0]
     run_step = decoder._run_step
 
-    def counted(slot: Any, length: int) -> None:
+    def counted(rows: List[int], lengths: List[int]) -> None:
         count[0] += 1
-        run_step(slot, length)
+        run_step(rows, lengths)
 
     monkeypatch.setattr(decoder, "_run_step", counted)
     return count
@@ -476,75 +492,101 @@ def test_bfloat16_agrees_with_float32_and_releases(
 
 class _ReplayedStep:
     """A stand-in for a captured CUDA graph on the CPU: replay() runs the body
-    the graph would hold (T3Decoder._step with no host-known length)."""
+    the graph would hold (a step over rows [0, n) with no host-known length)."""
 
-    def __init__(self, dec: T3Decoder, slot: Any) -> None:
-        self.dec, self.slot, self.replays = dec, slot, 0
+    def __init__(self, body: Any) -> None:
+        self.body, self.replays = body, 0
 
     def replay(self) -> None:
         self.replays += 1
-        self.dec._step(self.slot)
+        self.body()
+
+
+def _fake_capture(self: T3Decoder, pool: Any, n: int, span: int) -> _ReplayedStep:
+    """What _capture does to the pool, on the CPU: warm-up steps with no row
+    active; and worse junk than that in every row no generation holds."""
+    body = self._graph_body(pool, n, span)
+    active = pool.active.clone()
+    pool.active.zero_()
+    for _ in range(2):
+        body()
+    pool.active.copy_(active)
+    generator = torch.Generator().manual_seed(7 + n + span)
+    held = set(range(self._n_slots)) - set(self._free)
+    for row in range(pool.capacity):
+        if row in held:
+            continue
+        cache = pool.cache[:, :, row]
+        cache.copy_(torch.randn(cache.shape, generator=generator))
+        pool.logits[row] = torch.randn(pool.logits[row].shape, generator=generator)
+        pool.out[row] = 3
+        pool.pos[row] = self.max_positions  # a finished row sits at the end
+    return _ReplayedStep(body)
+
+
+def _record_logits(monkeypatch: Any) -> List[Tuple[List[int], torch.Tensor]]:
+    """Each sampling step's active rows and their logits."""
+    sample = T3Decoder._sample
+    record: List[Tuple[List[int], torch.Tensor]] = []
+
+    def recording_sample(self: T3Decoder, pool: Any, idx: Any) -> None:
+        active = pool.active[idx]
+        record.append((idx[active].tolist(), pool.logits[idx][active].clone()))
+        sample(self, pool, idx)
+
+    monkeypatch.setattr(T3Decoder, "_sample", recording_sample)
+    return record
+
+
+def _per_row(record: List[Tuple[List[int], torch.Tensor]]) -> Dict[int, torch.Tensor]:
+    rows: Dict[int, List[torch.Tensor]] = {}
+    for step_rows, logits in record:
+        for row, row_logits in zip(step_rows, logits):
+            rows.setdefault(row, []).append(row_logits)
+    return {row: torch.stack(trace) for row, trace in rows.items()}
 
 
 def test_graph_body_and_capture_protocol_on_the_cpu(
     model: Any, rand_t3: Any, monkeypatch: Any
 ) -> None:
     """What a CUDA graph replays, run on the CPU: the step with fixed shapes
-    (attention over the whole cache, masked by the position tensor), in a slot
-    left dirty the way capture leaves it (two warm-up steps). The same greedy
-    tokens as the eager step with host-known lengths, also when a slot is
-    reused by the next generation."""
-
-    def capture(self: T3Decoder, slot: Any) -> None:
-        slot.pos.zero_()
-        for _ in range(2):  # as _capture's warm-up: junk in cache, token, out
-            self._step(slot)
-        # Worse junk than that: whatever a slot holds must not matter.
-        generator = torch.Generator().manual_seed(7)
-        slot.cache.copy_(torch.randn(slot.cache.shape, generator=generator))
-        slot.logits.copy_(torch.randn(slot.logits.shape, generator=generator))
-        slot.out.fill_(3)
-        slot.pos.zero_()
-        slot.step.zero_()
-        slot.graph = _ReplayedStep(self, slot)
-
+    (attention over a span of the cache, masked by the position tensor), in a
+    pool left dirty the way capture leaves it. The same greedy tokens and
+    logits as the eager step with host-known lengths, also when a slot is
+    reused by the next generation and when the span grows past a bucket."""
     # This tiny T3's tokens hardly depend on the context, so the logits of
     # every step are compared too: a mask that let a step see the junk past
     # its position would show there.
-    sample = T3Decoder._sample
-    seen_logits: List[torch.Tensor] = []
-
-    def recording_sample(self: T3Decoder, slot: Any) -> None:
-        seen_logits.append(slot.logits.clone())
-        sample(self, slot)
-
-    monkeypatch.setattr(T3Decoder, "_sample", recording_sample)
+    record = _record_logits(monkeypatch)
     text, other = _text(model), _text(model, OTHER_TEXT)
     runs, logits = [], []
     for graphs in [False, True]:
-        seen_logits.clear()
+        record.clear()
         decoder = T3Decoder(rand_t3, "cpu", torch.float32)
         if graphs:
-            monkeypatch.setattr(T3Decoder, "_capture", capture)
+            monkeypatch.setattr(T3Decoder, "_capture", _fake_capture)
             decoder.cuda_graphs = True
         prefix = decoder.prefix(model.conds.t3)
         runs.append(
             [
                 _tokens(decoder.generate(prefix, text, GREEDY, _never, 30, 40)),
                 _tokens(decoder.generate(prefix, other, GREEDY, _never, 0, 25)),
-                _tokens(decoder.generate(prefix, text, GREEDY, _never, 30, 40)),
+                # Past the first span bucket (256 positions with the prompt).
+                _tokens(decoder.generate(prefix, text, GREEDY, _never, 90, 90)),
             ]
         )
         if graphs:
             assert decoder.free_slots == 1  # one slot, reused: its state reset
+            graphs_used = decoder._pool.graphs
+            assert {key[0] for key in graphs_used} == {1}
+            assert len({key[1] for key in graphs_used}) == 2  # two spans
             # Every token came from a replay (blocks of 8 may run past a stop).
-            replays = decoder._free[0].graph.replays
+            replays = sum(graph.replays for graph in graphs_used.values())
             assert replays >= sum(map(len, runs[-1])) > 0
-            seen_logits[:] = seen_logits[2:]  # the capture's own warm-up steps
-        logits.append(torch.cat(seen_logits))
+        logits.append(torch.cat([row_logits for _, row_logits in record]))
         decoder.close()
     assert runs[0] == runs[1]
-    assert runs[1][0] == runs[1][2]
+    assert runs[1][0] == runs[1][2][:40]
     assert logits[0].shape == logits[1].shape
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
 
@@ -556,9 +598,13 @@ def test_a_failed_capture_falls_back_to_the_eager_step(
     fails, the decoder says so once and speaks without graphs."""
     attempts = []
 
-    def failing_capture(self: T3Decoder, slot: Any) -> None:
-        attempts.append(slot)
-        self._step(slot)  # leaves junk, as a capture that broke midway would
+    def failing_capture(self: T3Decoder, pool: Any, n: int, span: int) -> None:
+        attempts.append((n, span))
+        body = self._graph_body(pool, n, span)
+        active = pool.active.clone()
+        pool.active.zero_()
+        body()  # the warm-up ran, then the capture broke
+        pool.active.copy_(active)
         raise RuntimeError("operation not permitted when stream is capturing")
 
     text = _text(model)
@@ -569,7 +615,7 @@ def test_a_failed_capture_falls_back_to_the_eager_step(
     plain.close()
 
     monkeypatch.setattr(T3Decoder, "_capture", failing_capture)
-    decoder = T3Decoder(rand_t3, "cpu", torch.float32)
+    decoder = T3Decoder(rand_t3, "cpu", torch.float32, max_batch=2)
     decoder.cuda_graphs = True
     with caplog.at_level("WARNING", logger="wyoming_chatterbox.t3_decoder"):
         decoder.warm_up()
@@ -580,7 +626,137 @@ def test_a_failed_capture_falls_back_to_the_eager_step(
     head = next(first)  # holds the warmed-up slot
     second = _tokens(decoder.generate(prefix, text, GREEDY, _never, 30, 40))
     assert head + _tokens(first) == expected == second
-    assert len(attempts) == 1  # tried once, not for the second slot
+    assert len(attempts) == 1  # tried once, not for each span or batch
+    decoder.close()
+
+
+# ------------------------------------------------------------- batching
+
+
+def _jobs(model: Any, dec: T3Decoder) -> List[Tuple[Any, torch.Tensor, int, int]]:
+    """Three generations: two voices, two texts, different lengths."""
+    voice, other = dec.prefix(model.conds.t3), dec.prefix(_other_voice(model))
+    return [
+        (voice, _text(model, TEXT), 30, 30),
+        (other, _text(model, OTHER_TEXT), 53, 53),
+        (voice, _text(model, OTHER_TEXT), 0, 41),
+    ]
+
+
+def _interleaved(
+    generations: List[Any], order: List[int]
+) -> Tuple[List[List[int]], List[List[int]]]:
+    """Pull blocks in the given order of generation indices (skipping those
+    that ended); returns each one's tokens and its block sizes."""
+    tokens: List[List[int]] = [[] for _ in generations]
+    blocks: List[List[int]] = [[] for _ in generations]
+    for i in itertools.cycle(order):
+        if all(g._done for g in generations):
+            break
+        if generations[i]._done:
+            continue
+        try:
+            block = next(generations[i])
+        except StopIteration:
+            continue
+        tokens[i] += block
+        blocks[i].append(len(block))
+    return tokens, blocks
+
+
+@pytest.mark.parametrize("graphs", [False, True])
+def test_batched_steps_give_each_generation_its_solo_tokens(
+    model: Any, rand_t3: Any, monkeypatch: Any, graphs: bool
+) -> None:
+    """Generations that run together, one step serving several, get the same
+    tokens and logits as each alone: on the eager path (each row its own
+    attention length) and through the graph body (rows [0, n) side by side,
+    some not stepping), while the pool grows from one row to four."""
+    record = _record_logits(monkeypatch)
+    solo = T3Decoder(rand_t3, "cpu", torch.float32)
+    expected, expected_logits = [], []
+    for prefix, text, low, high in _jobs(model, solo):
+        record.clear()
+        expected.append(_tokens(solo.generate(prefix, text, GREEDY, _never, low, high)))
+        expected_logits.append(_per_row(record)[0])
+    solo.close()
+
+    record.clear()
+    decoder = T3Decoder(rand_t3, "cpu", torch.float32, max_batch=4, lead_tokens=16)
+    if graphs:
+        monkeypatch.setattr(T3Decoder, "_capture", _fake_capture)
+        decoder.cuda_graphs = True
+    generations = [
+        decoder.generate(prefix, text, GREEDY, _never, low, high)
+        for prefix, text, low, high in _jobs(model, decoder)
+    ]
+    first = next(generations[0])  # alone: rows 1 and 2 are made later
+    assert decoder._pool.capacity == 1
+    tokens, _ = _interleaved(generations, [1, 2, 0, 0, 2])
+    tokens[0][:0] = first
+    assert tokens == expected
+    assert decoder._pool.capacity == 4
+    # Companions made tokens in others' steps: fewer blocks ran than if each
+    # ran its own (30 + 53 + 41 tokens in blocks of 8: 17).
+    assert max(g.batched_steps / g.steps for g in generations) > 1.5
+    traces = _per_row(record)
+    for row, want in enumerate(expected_logits):
+        got = traces[row][: len(want)]
+        torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    if graphs:
+        assert {key[0] for key in decoder._pool.graphs} >= {2, 4}
+    assert decoder.free_slots == 3
+    decoder.close()
+
+
+def test_companions_stay_within_their_lead_and_stop_when_told(
+    model: Any, dec: Any, rand_t3: Any
+) -> None:
+    decoder = T3Decoder(rand_t3, "cpu", torch.float32, max_batch=3, lead_tokens=16)
+    prefix = decoder.prefix(model.conds.t3)
+    stop = [False]
+    lead = decoder.generate(prefix, _text(model), GREEDY, _never, 100, 100)
+    behind = decoder.generate(prefix, _text(model), GREEDY, lambda: stop[0], 100, 100)
+    solo = _tokens(
+        dec.generate(dec.prefix(model.conds.t3), _text(model), GREEDY, _never, 100, 100)
+    )
+    assert next(behind) == solo[:8]  # started: now a companion
+    for _ in range(4):
+        next(lead)
+    # behind went along for two blocks, then was 16 tokens ahead of its reader.
+    assert behind.steps == 8 + 16 and lead.steps == 32
+    assert next(behind) == solo[8:24]
+    stop[0] = True
+    next(lead)
+    assert behind.steps == 24  # a stopped companion is left out
+    with pytest.raises(SynthesisCancelled):
+        next(behind)
+    assert decoder.free_slots == 1 and lead.steps == 40
+    assert _tokens(lead) == solo[40:]
+    decoder.close()
+
+
+def test_cancelling_one_of_a_batch_is_at_once_and_leaves_the_others(
+    model: Any, rand_t3: Any, dec: Any, monkeypatch: Any
+) -> None:
+    decoder = T3Decoder(rand_t3, "cpu", torch.float32, max_batch=2)
+    count = _counting(decoder, monkeypatch)
+    prefix = decoder.prefix(model.conds.t3)
+    solo = _tokens(
+        dec.generate(dec.prefix(model.conds.t3), _text(model), GREEDY, _never, 60, 60)
+    )
+    other = decoder.generate(prefix, _text(model), GREEDY, _never, 60, 60)
+    assert next(other) == solo[:8]
+    count[0] = 0
+    gone = decoder.generate(
+        prefix, _text(model), GREEDY, lambda: count[0] >= 11, 60, 60
+    )
+    with pytest.raises(SynthesisCancelled):
+        list(gone)
+    # 8 steps with other along, then 3 more: the 12th was never run.
+    assert count[0] == 11 and other.steps == 8 + 11 and gone.steps == 11
+    assert decoder.free_slots == 1
+    assert _tokens(other) == solo[8:]
     decoder.close()
 
 

@@ -6,10 +6,21 @@ token back to the host. Each of these costs a host sync or a reallocation per
 token, and the cache API changes between transformers versions. This module
 runs its own GPT-2 forward over the same weights with:
 
-- a static KV cache per slot, (layers, key/value, 1, heads, positions, head_dim):
-  one decode step writes at a position held in a device tensor and attends over
-  the whole buffer with a mask built from it, so the step has fixed shapes and no
-  host sync and can be captured as a CUDA graph (one per slot, captured lazily);
+- a static KV cache: every generation holds a slot, one row of a pool of
+  preallocated device state (cache, logits, position, sampler state); a
+  decode step writes at positions held in device tensors, so a step over rows
+  [0, n) has fixed shapes, needs no host sync and can be captured as a CUDA
+  graph, one per (n, attention span) and captured on first use;
+- several generations in one step (`max_batch`): T3 reads its 0.6 GB of
+  weights once per step whoever the step serves, so the running generations
+  (several clients' sentence groups) advance together. A generation asked for
+  its next tokens takes the others along in the same steps, as long as they
+  are not far ahead of their own readers (`lead_tokens`); their tokens wait
+  for them. Measured on 2 CPU cores at full size: 4 generations in a step
+  take 2.1 times one (`script/bench --t3-sweep`);
+- attention over only as many cache positions as the step needs: on the
+  eager path each row's own length, in a graph the smallest multiple of
+  `SPAN_STEP` that holds the batch's longest;
 - the voice prompt (speaker embedding + prompt speech tokens, independent of the
   text) computed once per voice: `prefix()` returns its keys and values, which
   `generate()` copies into the slot before prefilling only text + start token;
@@ -31,15 +42,20 @@ blocks in the decoder's dtype; `t3.tfmr` itself is never called.
 Precision: matrix products, the KV cache and attention (SDPA) run in the
 decoder's dtype; the residual stream, the layer norms and the logits stay in
 float32, so bfloat16 loses little more than its matmul rounding.
+
+Threads: everything runs on one thread (the engine's worker), except that a
+generation collected by the garbage collector gives its slot back from
+whichever thread collects it; that touches only the host's free list.
 """
 
 import dataclasses
+import heapq
 import logging
 import math
 import threading
 import time
 import weakref
-from typing import Any, Callable, Dict, Iterator, List, Optional
+from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple, Union
 
 import torch
 import torch.nn.functional as F
@@ -53,6 +69,10 @@ _LOGGER = logging.getLogger(__name__)
 # shorter (the engine splits text into groups of a few sentences).
 TEXT_TOKENS_ROOM = 512
 _MARGIN = 16
+# A captured step attends over a multiple of this many cache positions.
+SPAN_STEP = 256
+# Slots beyond this many alive are logged: the engine begins at most 16 groups.
+_MANY_SLOTS = 16
 
 _ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
     "gelu_new": lambda x: F.gelu(x, approximate="tanh"),
@@ -91,34 +111,78 @@ class _Layer:
     scale: float
 
 
-class _Slot:
-    """One generation's device state: cache, sampler state, output buffer.
+class _Pool:
+    """Every slot's device state, one row per slot.
 
-    Every tensor here has a fixed address for the slot's lifetime, because the
-    slot's CUDA graph reads and writes them in place.
+    A slot is what one generation needs on the device: its KV cache, its last
+    logits and token, its position, the tokens it sampled, its sampler state
+    and parameters, and whether it takes part in the next step (`active`).
+    Rows sit side by side so that one step can serve several generations. A
+    step leaves the rows it does not advance as they were, but for junk in
+    their cache at their next position, which their own next step writes
+    before it reads. Each tensor keeps its address for the pool's life (the
+    CUDA graphs read and write them in place): a larger pool is a new one,
+    with the old rows copied in and its graphs captured anew.
     """
 
-    def __init__(self, dec: "T3Decoder") -> None:
+    def __init__(self, dec: "T3Decoder", capacity: int, old: "Optional[_Pool]") -> None:
         dev = dec.device
-        vocab = dec.vocab
-        self.cache = torch.zeros(
-            (dec.n_layer, 2, 1, dec.n_head, dec.max_positions, dec.head_dim),
+        positions = dec.max_positions
+
+        def zeros(*shape: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
+            return torch.zeros(shape, dtype=dtype, device=dev)
+
+        self.capacity = capacity
+        self.cache = zeros(
+            dec.n_layer,
+            2,
+            capacity,
+            dec.n_head,
+            positions,
+            dec.head_dim,
             dtype=dec.dtype,
-            device=dev,
         )
-        self.logits = torch.zeros((1, vocab), dtype=torch.float32, device=dev)
-        self.token = torch.zeros((1,), dtype=torch.long, device=dev)
-        self.pos = torch.zeros((1,), dtype=torch.long, device=dev)
-        self.step = torch.zeros((1,), dtype=torch.long, device=dev)
-        self.out = torch.zeros((dec.max_positions,), dtype=torch.long, device=dev)
-        self.seen = torch.zeros((1, vocab), dtype=torch.bool, device=dev)
+        self.logits = zeros(capacity, dec.vocab, dtype=torch.float32)
+        self.token = zeros(capacity)
+        self.pos = zeros(capacity)
+        self.step = zeros(capacity)
+        self.out = zeros(capacity, positions)
+        self.seen = zeros(capacity, dec.vocab, dtype=torch.bool)
         # Sampling parameters (see _param_values).
-        self.temperature = torch.ones((1, 1), dtype=torch.float32, device=dev)
-        self.kth = torch.zeros((1, 1), dtype=torch.long, device=dev)
-        self.top_p_cut = torch.full((1, 1), -1.0, dtype=torch.float32, device=dev)
-        self.penalty = torch.ones((1, 1), dtype=torch.float32, device=dev)
-        self.min_tokens = torch.zeros((1,), dtype=torch.long, device=dev)
-        self.graph: Optional[Any] = None
+        self.temperature = torch.ones((capacity, 1), device=dev)
+        self.kth = zeros(capacity, 1)
+        self.top_p_cut = torch.full((capacity, 1), -1.0, device=dev)
+        self.penalty = torch.ones((capacity, 1), device=dev)
+        self.min_tokens = zeros(capacity)
+        self.active = zeros(capacity, dtype=torch.bool)
+        self.rows = torch.arange(capacity, device=dev)
+        # (rows, attention span) -> captured step over rows [0, rows)
+        self.graphs: Dict[Tuple[int, int], Any] = {}
+        if old is not None:
+            with torch.inference_mode():
+                self.cache[:, :, : old.capacity].copy_(old.cache)
+                for name in _ROW_STATE:
+                    getattr(self, name)[: old.capacity].copy_(getattr(old, name))
+
+
+_ROW_STATE = (
+    "logits",
+    "token",
+    "pos",
+    "step",
+    "out",
+    "seen",
+    "temperature",
+    "kth",
+    "top_p_cut",
+    "penalty",
+    "min_tokens",
+    "active",
+)
+
+# Rows of the pool a step runs over: a list (the eager path, each row with its
+# own attention length) or a slice of rows side by side (the graph shape).
+_Rows = Union[List[int], slice]
 
 
 def _param_values(params: SamplingParams, vocab: int) -> List[float]:
@@ -191,6 +255,8 @@ class T3Decoder:
         cuda_graphs: bool = True,
         max_positions: Optional[int] = None,
         sync_every: int = 8,
+        max_batch: int = 1,
+        lead_tokens: int = 160,
     ) -> None:
         tfmr = t3.tfmr
         cfg = tfmr.config
@@ -204,10 +270,16 @@ class T3Decoder:
             raise ValueError(f"unsupported activation {cfg.activation_function}")
         if sync_every < 1:
             raise ValueError("sync_every must be at least 1")
+        if max_batch < 1:
+            raise ValueError("max_batch must be at least 1")
         self.t3 = t3
         self.device = torch.device(device)
         self.dtype = dtype
         self.sync_every = sync_every
+        self.max_batch = max_batch
+        # A running generation joins another's steps while fewer than this
+        # many of its tokens wait for its reader.
+        self.lead_tokens = lead_tokens
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.n_layer = cfg.n_layer
         self.width = cfg.n_embd
@@ -231,13 +303,19 @@ class T3Decoder:
                 f"max_positions must be 1 to {n_positions} (the model's positions)"
             )
         self.max_positions = max_positions
+        # The attention spans a captured step may have.
+        self.spans = list(range(SPAN_STEP, max_positions, SPAN_STEP))
+        self.spans.append(max_positions)
 
         with torch.inference_mode():
             self._load_weights(t3)
             self._positions = torch.arange(max_positions, device=self.device)
         self.vocab: int = int(self.head_w.size(0))
-        self._free: List[_Slot] = []
-        self._n_slots = 0
+        self._pool: Optional[_Pool] = None
+        self._free: List[int] = []  # rows made and not held, a heap
+        self._n_slots = 0  # rows made
+        # Started generations that may still step, in the order they started.
+        self._running: List["weakref.ref[Generation]"] = []
         # Reentrant: a Generation collected by the GC inside _acquire releases
         # its slot from the same thread.
         self._lock = threading.RLock()
@@ -296,137 +374,299 @@ class T3Decoder:
     def _forward(
         self,
         x: torch.Tensor,
-        positions: torch.Tensor,
         cache: torch.Tensor,
-        length: Optional[int] = None,
+        rows: _Rows,
+        positions: torch.Tensor,
+        lengths: Union[List[int], int],
     ) -> torch.Tensor:
-        """GPT-2 blocks over `x` (n, width) float32 input embeddings (position
-        embeddings added here) at `positions` (n,) long: writes their keys and
-        values into `cache` at those positions, attends over the whole cache with
-        a causal mask from the positions, returns float32 logits (n, vocab).
-        Fixed shapes for a fixed n: the decode step captures it as it is.
-        `length`, known to the host when no graph runs, limits attention to the
-        cache's first `length` positions (the rest are masked anyway): the same
-        result without reading the unused part of the cache.
+        """GPT-2 blocks over `x` (B, n, width) float32 input embeddings of B
+        rows of `cache` (layers, 2, rows, heads, positions, head_dim), at
+        `positions` (B, n) long (position embeddings added here): writes each
+        row's keys and values at its positions, attends causally, returns the
+        float32 logits (B, vocab) of each row's last position.
+
+        `rows` a list: row b attends over its first `lengths[b]` positions,
+        known to the host, so nothing past what it has written is read.
+        `rows` a slice (B rows side by side): one attention over the first
+        `lengths` (an int) positions of every row, masked by the positions
+        tensor: fixed shapes and no host-known length, what a graph holds.
         """
-        n = x.size(0)
-        heads, hd, dt = self.n_head, self.head_dim, self.dtype
-        x = x + self.wpe.index_select(0, positions)
-        if length is None:
-            length = cache.size(-2)
-        mask = self._positions[:length].unsqueeze(0) <= positions.unsqueeze(1)
+        batch, n, _ = x.shape
+        heads, hd, dt, width = self.n_head, self.head_dim, self.dtype, self.width
+        x = x + self.wpe[positions]
+        if isinstance(rows, slice):
+            assert isinstance(lengths, int)
+            span = lengths
+            mask = (self._positions[:span] <= positions.unsqueeze(-1)).unsqueeze(1)
+            where = positions.view(batch, 1, n, 1).expand(batch, heads, n, hd)
+        else:
+            assert isinstance(lengths, list)
+            row_lengths = lengths
+            masks = [
+                self._positions[:length] <= positions[b].unsqueeze(-1)
+                for b, length in enumerate(row_lengths)
+            ]
         for i, layer in enumerate(self.layers):
-            h = F.layer_norm(x, (self.width,), layer.ln_1[0], layer.ln_1[1], self.eps)
-            qkv = torch.addmm(layer.attn_b, h.to(dt), layer.attn_w)
-            q, k, v = qkv.view(n, 3, heads, hd).permute(1, 2, 0, 3).unsqueeze(1)
-            cache_k, cache_v = cache[i, 0], cache[i, 1]
-            cache_k.index_copy_(2, positions, k)
-            cache_v.index_copy_(2, positions, v)
-            a = F.scaled_dot_product_attention(
-                q,
-                cache_k[:, :, :length],
-                cache_v[:, :, :length],
-                attn_mask=mask,
-                scale=layer.scale,
-            )
-            a = a[0].transpose(0, 1).reshape(n, self.width)
-            x = x + torch.addmm(layer.proj_b, a, layer.proj_w).float()
-            h = F.layer_norm(x, (self.width,), layer.ln_2[0], layer.ln_2[1], self.eps)
-            m = self._act(torch.addmm(layer.fc_b, h.to(dt), layer.fc_w))
-            x = x + torch.addmm(layer.mlp_b, m, layer.mlp_w).float()
-        h = F.layer_norm(x, (self.width,), self.ln_f[0], self.ln_f[1], self.eps)
+            h = F.layer_norm(x, (width,), layer.ln_1[0], layer.ln_1[1], self.eps)
+            qkv = torch.addmm(layer.attn_b, h.view(-1, width).to(dt), layer.attn_w)
+            # Each (B, heads, n, head_dim).
+            q, k, v = qkv.view(batch, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
+            if isinstance(rows, slice):
+                cache_k, cache_v = cache[i, 0, rows], cache[i, 1, rows]
+                cache_k.scatter_(2, where, k)
+                cache_v.scatter_(2, where, v)
+                a = F.scaled_dot_product_attention(
+                    q,
+                    cache_k[:, :, :span],
+                    cache_v[:, :, :span],
+                    attn_mask=mask,
+                    scale=layer.scale,
+                )
+            else:
+                parts = []
+                for b, row in enumerate(rows):
+                    cache_k, cache_v = cache[i, 0, row], cache[i, 1, row]
+                    cache_k.index_copy_(1, positions[b], k[b])
+                    cache_v.index_copy_(1, positions[b], v[b])
+                    length = row_lengths[b]
+                    parts.append(
+                        F.scaled_dot_product_attention(
+                            q[b : b + 1],
+                            cache_k[:, :length].unsqueeze(0),
+                            cache_v[:, :length].unsqueeze(0),
+                            attn_mask=masks[b],
+                            scale=layer.scale,
+                        )
+                    )
+                a = parts[0] if batch == 1 else torch.cat(parts)
+            a = a.transpose(1, 2).reshape(batch * n, width)
+            x = x + torch.addmm(layer.proj_b, a, layer.proj_w).float().view_as(x)
+            h = F.layer_norm(x, (width,), layer.ln_2[0], layer.ln_2[1], self.eps)
+            m = self._act(torch.addmm(layer.fc_b, h.view(-1, width).to(dt), layer.fc_w))
+            x = x + torch.addmm(layer.mlp_b, m, layer.mlp_w).float().view_as(x)
+        h = F.layer_norm(x[:, -1], (width,), self.ln_f[0], self.ln_f[1], self.eps)
         return torch.addmm(self.head_b, h, self.head_w.t())
 
-    def _advance(self, slot: _Slot, length: Optional[int] = None) -> None:
-        """Feed slot.token at slot.pos; the next logits land in slot.logits."""
-        x = self.speech_emb.index_select(0, slot.token)
-        slot.logits.copy_(self._forward(x, slot.pos, slot.cache, length)[-1:])
-        slot.pos.add_(1)
-
-    def _sample(self, slot: _Slot) -> None:
-        """Draw from slot.logits into slot.token and slot.out[slot.step]."""
-        logits = slot.logits.masked_fill(
-            self.stop_mask & (slot.step < slot.min_tokens), -math.inf
-        )
+    def _sample(self, pool: _Pool, idx: torch.Tensor) -> None:
+        """Draw from the rows' logits into their token and out[step]; rows not
+        active keep their state (but for out[step], not read before written)."""
+        active = pool.active[idx]
+        step = pool.step[idx]
+        held = self.stop_mask & (step < pool.min_tokens[idx]).unsqueeze(1)
         scores = sampler_scores(
-            logits, slot.temperature, slot.kth, slot.top_p_cut, slot.penalty, slot.seen
+            pool.logits[idx].masked_fill(held, -math.inf),
+            pool.temperature[idx],
+            pool.kth[idx],
+            pool.top_p_cut[idx],
+            pool.penalty[idx],
+            pool.seen[idx],
         )
-        token = draw(scores.softmax(dim=-1))
-        slot.token.copy_(token)
-        slot.out.index_copy_(0, slot.step, token)
+        token = torch.where(active, draw(scores.softmax(dim=-1)), pool.token[idx])
+        pool.token[idx] = token
+        pool.out[idx, step] = token
         # The penalty saw the start token only at the first step.
-        slot.seen.logical_and_(slot.step != 0)
-        slot.seen.index_fill_(1, token, True)
-        slot.step.add_(1)
+        seen = pool.seen[idx]
+        updated = seen & (step != 0).unsqueeze(1)
+        updated.scatter_(1, token.unsqueeze(1), True)
+        pool.seen[idx] = torch.where(active.unsqueeze(1), updated, seen)
+        pool.step[idx] = step + active
 
-    def _step(self, slot: _Slot, length: Optional[int] = None) -> None:
-        """One decode step: what the slot's CUDA graph holds (length None)."""
-        self._sample(slot)
-        self._advance(slot, length)
+    def _advance(
+        self,
+        pool: _Pool,
+        idx: torch.Tensor,
+        rows: _Rows,
+        lengths: Union[List[int], int],
+    ) -> None:
+        """Feed the rows' tokens at their positions; next logits into the rows.
+        A row not active writes junk at its next position and keeps the rest."""
+        active = pool.active[idx]
+        pos = pool.pos[idx]
+        x = self.speech_emb[pool.token[idx]].unsqueeze(1)
+        # A finished row may sit at the end of the cache: its junk goes to the
+        # last position, which it will not read again.
+        at = pos.clamp(max=self.max_positions - 1).unsqueeze(1)
+        logits = self._forward(x, pool.cache, rows, at, lengths)
+        pool.logits[idx] = torch.where(active.unsqueeze(1), logits, pool.logits[idx])
+        pool.pos[idx] = pos + active
 
-    def _run_step(self, slot: _Slot, length: int) -> None:
-        """A step whose token goes to position length - 1 (host-known)."""
-        if slot.graph is not None:
-            slot.graph.replay()
-        else:
-            self._step(slot, length)
+    def _step(
+        self,
+        pool: _Pool,
+        idx: torch.Tensor,
+        rows: _Rows,
+        lengths: Union[List[int], int],
+    ) -> None:
+        """One decode step of the active ones of `rows` (`idx` the same rows as
+        a device tensor): sample a token each, then feed it."""
+        self._sample(pool, idx)
+        self._advance(pool, idx, rows, lengths)
 
-    def _capture(self, slot: _Slot) -> None:
-        """Capture the slot's step as a CUDA graph (warm-up on a side stream
-        first, as PyTorch requires). The slot's state is junk afterwards: the
-        caller sets it up before use."""
-        slot.pos.zero_()
-        stream = torch.cuda.Stream(device=self.device)
-        stream.wait_stream(torch.cuda.current_stream(self.device))
-        with torch.cuda.stream(stream):
-            for _ in range(2):
-                self._step(slot)
-        torch.cuda.current_stream(self.device).wait_stream(stream)
-        slot.pos.zero_()
-        slot.step.zero_()
-        graph = torch.cuda.CUDAGraph()
-        with torch.cuda.graph(graph):
-            self._step(slot)
-        slot.graph = graph
+    def _graph_body(self, pool: _Pool, n: int, span: int) -> Callable[[], None]:
+        """The step a graph holds: rows [0, n), attention over `span` positions."""
+        idx = pool.rows[:n]
+        rows = slice(0, n)
+        return lambda: self._step(pool, idx, rows, span)
+
+    def _run_step(self, rows: List[int], lengths: List[int]) -> None:
+        """One step of the slots `rows`, each with its host-known attention
+        length (its position + 1); the rows must be the active ones."""
+        pool = self._pool
+        assert pool is not None
+        if self.cuda_graphs:
+            n = 1 << max(rows).bit_length()  # rows [0, n): a power of two
+            span = next(s for s in self.spans if s >= max(lengths))
+            graph = self._graph(pool, n, span)
+            if graph is not None:
+                graph.replay()
+                return
+        idx = torch.tensor(rows, device=self.device)
+        self._step(pool, idx, rows, lengths)
+
+    def _graph(self, pool: _Pool, n: int, span: int) -> Optional[Any]:
+        """The captured step for (n, span), captured now if it is new; None if
+        capture fails (then the decoder goes on without graphs)."""
+        graph = pool.graphs.get((n, span))
+        if graph is not None or not self.cuda_graphs:
+            return graph
+        try:
+            graph = self._capture(pool, n, span)
+        except Exception:  # pylint: disable=broad-except
+            # Capture depends on the GPU, driver and PyTorch at hand; slower
+            # speech beats none.
+            _LOGGER.warning(
+                "Could not capture T3's decode step as a CUDA graph; decoding "
+                "without graphs from now on (slower). Please report this with "
+                "the error below. --no-cuda-graphs skips the attempt.",
+                exc_info=True,
+            )
+            self.cuda_graphs = False
+            return None
+        pool.graphs[(n, span)] = graph
+        return graph
+
+    def _capture(self, pool: _Pool, n: int, span: int) -> Any:
+        """Capture the step over rows [0, n) as a CUDA graph, after warm-up
+        steps on a side stream as PyTorch requires. No row is active meanwhile,
+        so the rows of running generations keep their state."""
+        body = self._graph_body(pool, n, span)
+        active = pool.active.clone()
+        pool.active.zero_()
+        try:
+            stream = torch.cuda.Stream(device=self.device)
+            stream.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(stream):
+                for _ in range(2):
+                    body()
+            torch.cuda.current_stream(self.device).wait_stream(stream)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                body()
+        finally:
+            pool.active.copy_(active)
+        return graph
 
     # ----------------------------------------------------------------- slots
 
-    def _acquire(self) -> _Slot:
+    def _acquire(self) -> int:
+        """A free row of the pool (the lowest: batches stay short), the pool
+        made or doubled when all its rows are held."""
         with self._lock:
             if self._closed:
                 raise RuntimeError("the T3 decoder is closed")
             if self._free:
-                return self._free.pop()
+                return heapq.heappop(self._free)
+            row = self._n_slots
             self._n_slots += 1
-            if self._n_slots > 8:
+            if self._n_slots > _MANY_SLOTS:
                 _LOGGER.warning("%s T3 decoder slots alive", self._n_slots)
-        slot = _Slot(self)
-        if self.cuda_graphs:
-            try:
-                self._capture(slot)
-            except Exception:  # pylint: disable=broad-except
-                # Capture depends on the GPU, driver and PyTorch at hand; slower
-                # speech beats none. The slot is set up afresh before use.
-                _LOGGER.warning(
-                    "Could not capture T3's decode step as a CUDA graph; decoding "
-                    "without graphs from now on (slower). Please report this with "
-                    "the error below. --no-cuda-graphs skips the attempt.",
-                    exc_info=True,
-                )
-                self.cuda_graphs = False
-                slot.graph = None
-        return slot
+        pool = self._pool
+        if pool is None or row >= pool.capacity:
+            capacity = 1 if pool is None else 2 * pool.capacity
+            while capacity <= row:
+                capacity *= 2
+            self._pool = _Pool(self, capacity, pool)
+        return row
 
-    def _release(self, slot: _Slot) -> None:
+    def _release(self, row: int) -> None:
         with self._lock:
             if self._closed:
                 return
-            self._free.append(slot)
+            heapq.heappush(self._free, row)
 
     @property
     def free_slots(self) -> int:
         """Slots in the pool, not held by a generation (for tests and logs)."""
         return len(self._free)
+
+    def _companions(self, primary: "Generation") -> List["Generation"]:
+        """Running generations to take along in `primary`'s steps: those not
+        far ahead of their readers and not stopped, at most max_batch - 1, the
+        earliest begun first."""
+        found: List[Generation] = []
+        running: List["weakref.ref[Generation]"] = []
+        for ref in self._running:
+            other = ref()
+            if other is None or other._finished:
+                continue
+            running.append(ref)
+            if (
+                other is primary
+                or len(found) + 1 >= self.max_batch
+                or len(other._buffer) >= self.lead_tokens
+                or other._ran >= other._max_tokens
+                or other._should_stop()
+            ):
+                continue
+            found.append(other)
+        self._running = running
+        return found
+
+    def _run_block(self, primary: "Generation") -> bool:
+        """Up to sync_every steps of `primary`, with its companions in the same
+        steps, then one read of all their new tokens. Each one's stop flag is
+        read before each of its steps; True if `primary`'s turned true."""
+        pool = self._pool
+        assert pool is not None
+        members = [primary] + (self._companions(primary) if self.max_batch > 1 else [])
+        budget = {id(g): min(self.sync_every, g._max_tokens - g._ran) for g in members}
+        mask = torch.zeros(pool.capacity, dtype=torch.bool)
+        mask[[g._row for g in members]] = True
+        pool.active.copy_(mask)
+        live = members
+        cancelled = False
+        started = time.monotonic()
+        for n in range(self.sync_every):
+            going = []
+            for g in live:
+                if n >= budget[id(g)]:
+                    continue
+                if g._should_stop():
+                    cancelled = cancelled or g is primary
+                    continue
+                going.append(g)
+            if len(going) < len(live):
+                for g in live:
+                    if g not in going:
+                        pool.active[g._row] = False
+                live = going
+            if primary not in live:
+                break
+            self._run_step(
+                [g._row for g in live], [g._prompt + g._ran + 1 for g in live]
+            )
+            for g in live:
+                g._ran += 1
+                g.batched_steps += len(live)
+        took = time.monotonic() - started
+        start = min(g._read for g in members)
+        end = max(g._ran for g in members)
+        rows = torch.tensor([g._row for g in members], device=self.device)
+        sampled = pool.out[rows, start:end].tolist()
+        for g, tokens in zip(members, sampled):
+            g.decode_s += took
+            g._take(tokens[g._read - start : g._ran - start])
+        return cancelled
 
     # ------------------------------------------------------------------- API
 
@@ -439,7 +679,7 @@ class T3Decoder:
         with torch.inference_mode():
             cond = self.t3.prepare_conditioning(dataclasses.replace(t3_cond))
             if cond.size(0) != 1:
-                raise ValueError("T3Decoder decodes one stream at a time (batch 1)")
+                raise ValueError("T3Decoder.prefix takes one voice (batch 1)")
             length = cond.size(1)
             if length + 2 > self.max_positions:
                 raise ValueError(
@@ -451,8 +691,8 @@ class T3Decoder:
                 dtype=self.dtype,
                 device=self.device,
             )
-            x = cond[0].to(device=self.device, dtype=torch.float32)
-            self._forward(x, self._positions[:length], kv)
+            x = cond.to(device=self.device, dtype=torch.float32)
+            self._forward(x, kv, [0], self._positions[:length].unsqueeze(0), [length])
         return Prefix(kv=kv, length=length, decoder_id=id(self))
 
     def generate(
@@ -499,9 +739,20 @@ class T3Decoder:
         )
 
     def warm_up(self) -> None:
-        """Make one slot (and on CUDA capture its graph) ahead of the first call."""
+        """Make the pool's first slot and, on CUDA, capture the one-row steps
+        ahead of the first call (steps of several rows are captured the first
+        time that many generations run together)."""
         with torch.inference_mode():
-            self._release(self._acquire())
+            row = self._acquire()
+            try:
+                pool = self._pool
+                assert pool is not None
+                for span in self.spans:
+                    if not self.cuda_graphs:
+                        break
+                    self._graph(pool, 1, span)
+            finally:
+                self._release(row)
 
     def release_reference_weights(self) -> None:
         """Free the storage of `t3.tfmr`'s parameters (the float32 transformer):
@@ -517,6 +768,8 @@ class T3Decoder:
         with self._lock:
             self._closed = True
             self._free.clear()
+            self._running.clear()
+            self._pool = None
 
     # ------------------------------------------------------------ test hooks
 
@@ -526,40 +779,53 @@ class T3Decoder:
         """Logits (len(forced) + 1, vocab) float32 of the prefill and of a step
         per forced speech token, through the same code as the decode step."""
         with torch.inference_mode():
-            slot = self._acquire()
+            row = self._acquire()
             try:
-                rows = [self._prefill(slot, prefix, text_tokens).clone()]
+                pool = self._pool
+                assert pool is not None
+                rows = [self._prefill(row, prefix, text_tokens).clone()]
+                idx = torch.tensor([row], device=self.device)
+                pool.active[row] = True
                 for token in forced:
-                    slot.token.fill_(token)
-                    self._advance(slot)
-                    rows.append(slot.logits.clone())
+                    pool.token[row] = token
+                    length = int(pool.pos[row]) + 1
+                    self._advance(pool, idx, [row], [length])
+                    rows.append(pool.logits[row : row + 1].clone())
+                pool.active[row] = False
                 return torch.cat(rows)
             finally:
-                self._release(slot)
+                self._release(row)
 
     def _prefill(
-        self, slot: _Slot, prefix: Prefix, text_tokens: torch.Tensor
+        self, row: int, prefix: Prefix, text_tokens: torch.Tensor
     ) -> torch.Tensor:
-        """Copy the prefix in, run text + start token after it (eager)."""
+        """Copy the prefix into the row, run text + start token after it (eager);
+        returns the row's logits (1, vocab)."""
+        pool = self._pool
+        assert pool is not None
         length = prefix.length
-        slot.cache[:, :, :, :, :length].copy_(prefix.kv)
+        pool.cache[:, :, row : row + 1, :, :length].copy_(prefix.kv)
         start = torch.full_like(text_tokens[:, :1], self.start_token)
         x = torch.cat(
             [self.t3.text_emb(text_tokens)[0].float(), self.speech_emb[start[0]]]
         ).to(self.device)
         n = x.size(0)
-        positions = self._positions[length : length + n]
-        slot.logits.copy_(self._forward(x, positions, slot.cache)[-1:])
-        slot.pos.fill_(length + n)
-        return slot.logits
+        positions = self._positions[length : length + n].unsqueeze(0)
+        pool.logits[row] = self._forward(
+            x.unsqueeze(0), pool.cache, [row], positions, [length + n]
+        )[0]
+        pool.pos[row] = length + n
+        return pool.logits[row : row + 1]
 
 
 class Generation:
     """Blocks of new speech tokens (stop token excluded) as they become known.
 
-    Iterate it in steps: each `next()` runs up to `sync_every` decode steps and
-    reads their tokens back once. The slot goes back to the pool when the
-    generation ends, is closed, is cancelled or is garbage collected.
+    Iterate it in steps: each `next()` returns the tokens that other
+    generations' steps already made for it, or else runs up to `sync_every`
+    decode steps (taking other running generations along) and reads their
+    tokens back once. The slot goes back to the pool when the last step is
+    known, or when the generation is closed, cancelled or garbage collected.
     inference_mode is entered per block, not held across a yield: other work
     runs on this thread between blocks.
     """
@@ -575,9 +841,12 @@ class Generation:
         max_tokens: int,
     ) -> None:
         self.cut = False
-        self.n_tokens = 0
+        self.n_tokens = 0  # tokens returned
         self.prefill_s = 0.0
+        # Seconds of the decode steps this generation took part in.
         self.decode_s = 0.0
+        # Sum over its steps of the generations in each: / steps = mean batch.
+        self.batched_steps = 0
         self._decoder = decoder
         self._prefix = prefix
         self._text_tokens = text_tokens
@@ -585,13 +854,20 @@ class Generation:
         self._should_stop = should_stop
         self._min_tokens = max(0, min_tokens)
         self._max_tokens = max_tokens
-        self._slot: Optional[_Slot] = None
+        self._row = -1
         self._started = False
-        self._done = False
+        self._finished = False  # no more steps: the stop token or max_tokens
+        self._done = False  # nothing more to return
         self._ran = 0  # decode steps run
         self._read = 0  # steps whose tokens the host has read
+        self._buffer: List[int] = []  # tokens read, not yet returned
         self._prompt = prefix.length + text_tokens.size(1) + 1
         self._finalizer: Optional[Any] = None
+
+    @property
+    def steps(self) -> int:
+        """Decode steps run (tokens sampled, a stop token included)."""
+        return self._ran
 
     def __iter__(self) -> Iterator[List[int]]:
         return self
@@ -609,56 +885,72 @@ class Generation:
     def close(self) -> None:
         """Give the slot back; the generation yields nothing more."""
         self._done = True
+        self._finished = True
+        self._buffer = []
+        self._free_slot()
+
+    def _free_slot(self) -> None:
         if self._finalizer is not None:
             self._finalizer()  # runs once: releases the slot
             self._finalizer = None
-        self._slot = None
 
-    def _start(self) -> _Slot:
+    def _start(self) -> None:
         dec = self._decoder
         started = time.monotonic()
-        slot = dec._acquire()
-        self._slot = slot
-        # Released when closed or when this object is collected unclosed.
-        self._finalizer = weakref.finalize(self, dec._release, slot)
-        dec._prefill(slot, self._prefix, self._text_tokens)
+        row = dec._acquire()
+        self._row = row
+        # Released when finished or closed, or when this object is collected.
+        self._finalizer = weakref.finalize(self, dec._release, row)
+        dec._prefill(row, self._prefix, self._text_tokens)
+        pool = dec._pool
+        assert pool is not None
         temperature, kth, top_p_cut, penalty = self._values
-        slot.temperature.fill_(temperature)
-        slot.kth.fill_(int(kth))
-        slot.top_p_cut.fill_(top_p_cut)
-        slot.penalty.fill_(penalty)
-        slot.min_tokens.fill_(self._min_tokens)
-        slot.step.zero_()
-        slot.seen.zero_()
-        slot.seen[0, dec.start_token] = True
+        pool.temperature[row] = temperature
+        pool.kth[row] = int(kth)
+        pool.top_p_cut[row] = top_p_cut
+        pool.penalty[row] = penalty
+        pool.min_tokens[row] = self._min_tokens
+        pool.step[row] = 0
+        pool.seen[row] = False
+        pool.seen[row, dec.start_token] = True
         self.prefill_s = time.monotonic() - started
         self._started = True
-        return slot
+        dec._running.append(weakref.ref(self))
 
     def _next_block(self) -> List[int]:
-        dec = self._decoder
-        slot = self._slot if self._started else self._start()
-        assert slot is not None
+        if not self._started:
+            self._start()
         while True:
-            started = time.monotonic()
-            target = min(self._read + dec.sync_every, self._max_tokens)
-            while self._ran < target:
-                if self._should_stop():
-                    self.decode_s += time.monotonic() - started
-                    raise SynthesisCancelled()
-                dec._run_step(slot, self._prompt + self._ran + 1)
-                self._ran += 1
-            block = slot.out[self._read : self._ran].tolist()
-            self._read = self._ran
-            self.decode_s += time.monotonic() - started
-            if dec.stop_token in block:
-                block = block[: block.index(dec.stop_token)]
-                self.close()
-            elif self._ran >= self._max_tokens:
-                self.cut = True
-                self.close()
-            self.n_tokens += len(block)
-            if block:
+            if self._buffer:
+                block, self._buffer = self._buffer, []
+                self.n_tokens += len(block)
+                if self._finished:
+                    self._done = True
                 return block
-            if self._done:
+            if self._finished:
+                self.close()
                 raise StopIteration
+            if self._should_stop():
+                raise SynthesisCancelled()
+            if self._ran >= self._max_tokens:
+                self._end(cut=True)
+                continue
+            if self._decoder._run_block(self):
+                raise SynthesisCancelled()
+
+    def _take(self, tokens: List[int]) -> None:
+        """The tokens of its latest steps, read back by the decoder."""
+        self._read = self._ran
+        stop = self._decoder.stop_token
+        if stop in tokens:
+            tokens = tokens[: tokens.index(stop)]
+            self._end(cut=False)
+        elif self._ran >= self._max_tokens:
+            self._end(cut=True)
+        self._buffer.extend(tokens)
+
+    def _end(self, cut: bool) -> None:
+        """No more steps: the slot goes back now, the tokens read stay."""
+        self.cut = cut
+        self._finished = True
+        self._free_slot()
