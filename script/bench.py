@@ -354,6 +354,9 @@ class CallRecorder:
                     break
                 now = time.monotonic()
                 record["busy_s"] += now - step
+                if not piece.audio.size:  # the worker's turn, not audio
+                    yield piece
+                    continue
                 if record["first_piece"] is None:
                     record["first_piece"] = now
                 record["pieces"] += 1

@@ -10,6 +10,7 @@ import pytest
 
 from tests.fakes import FakeBackend, fake_samples
 from wyoming_chatterbox.engine import (
+    NOTHING_YET,
     EngineError,
     EngineWorker,
     Piece,
@@ -249,4 +250,87 @@ async def test_groups_begun_at_once_are_capped() -> None:
     done = [t for t, i in backend.made[:first_s2] if i == 4]
     assert done, backend.made  # s0 or s1 finished before s2 began
     assert len(backend.made) == 15
+    await worker.stop()
+
+
+class SteppingBackend(FakeBackend):
+    """Speaks each group in `steps` model steps, handing the worker back after
+    each (NOTHING_YET), then one piece: `seconds[text]` of audio (0.1 s by
+    default). Records (text, step) as it makes them; advances `batch_size`
+    groups a step as far as the engine can tell."""
+
+    def __init__(self, steps: int, batch: int = 1) -> None:
+        super().__init__()
+        self.steps = steps
+        self.batch = batch
+        self.seconds: dict = {}
+        self.made: List[tuple] = []
+
+    @property
+    def batch_size(self) -> int:
+        return self.batch
+
+    def synthesize(self, text, voice, language, params, should_stop):  # type: ignore[no-untyped-def]
+        self.asked.append(text)
+        for step in range(self.steps):
+            if should_stop():
+                raise SynthesisCancelled()
+            time.sleep(0.002)
+            self.made.append((text, step))
+            yield NOTHING_YET
+        samples = int(self.seconds.get(text, 0.1) * self.sample_rate)
+        yield Piece(audio=np.full(samples, 0.1, np.float32), tokens=self.steps)
+
+
+async def test_between_model_steps_another_reply_can_go_first() -> None:
+    # a's listener has 5 s of audio when a's second group begins its 30 steps;
+    # b, new, goes at a's next step, not once a's group is done. The readers
+    # see audio only: the steps hand the worker back without a piece.
+    backend = SteppingBackend(steps=30)
+    backend.seconds = {"a0": 5.0}
+    worker = await started_worker(backend)
+    a = worker.open_stream("default", PARAMS)
+    a.add_group("a0")
+    a.add_group("a1")
+    a.close()
+    reader = asyncio.ensure_future(collect(a))
+    while ("a1", 2) not in backend.made:
+        await asyncio.sleep(0.001)
+    b = worker.open_stream("default", PARAMS)
+    b.add_group("b")
+    b.close()
+    b_audio = await asyncio.wait_for(collect(b), 5)
+    a_audio = await asyncio.wait_for(reader, 5)
+    assert [len(p) for p in b_audio] == [2400]
+    assert [len(p) for p in a_audio] == [120000, 2400]
+    made = backend.made
+    assert made.index(("b", 29)) < made.index(("a1", 29)), made
+    assert made.index(("b", 0)) <= made.index(("a1", 2)) + 3, made
+    await worker.stop()
+
+
+@pytest.mark.parametrize("batch", [1, 4])
+async def test_a_batching_backend_gets_new_groups_begun_first(batch: int) -> None:
+    # a (no audio yet) is stepping when b's group comes. Served by deadline,
+    # a goes on to its end before b begins; a backend that steps several
+    # groups at once gets b begun at a's next step (b then rides along), and
+    # a still goes before b after that.
+    backend = SteppingBackend(steps=30, batch=batch)
+    worker = await started_worker(backend)
+    a = worker.open_stream("default", PARAMS)
+    a.add_group("a")
+    a.close()
+    reader = asyncio.ensure_future(collect(a))
+    while ("a", 2) not in backend.made:
+        await asyncio.sleep(0.001)
+    b = worker.open_stream("default", PARAMS)
+    b.add_group("b")
+    b.close()
+    await asyncio.wait_for(asyncio.gather(reader, collect(b)), 5)
+    made = backend.made
+    if batch == 1:
+        assert made.index(("b", 0)) > made.index(("a", 29)), made
+    else:
+        assert made.index(("b", 0)) <= made.index(("a", 2)) + 3, made
+        assert made.index(("b", 1)) > made.index(("a", 29)), made
     await worker.stop()

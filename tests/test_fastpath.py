@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from tests.test_model import checkpoint  # noqa: F401
-from tests.test_model import ENV, ROOT, SAMPLES_PER_TOKEN, SILENCE_TOKENS
+from tests.test_model import ENV, ROOT, SAMPLES_PER_TOKEN, SILENCE_TOKENS, audible
 from wyoming_chatterbox.engine import Piece, SamplingParams, SynthesisCancelled
 from wyoming_chatterbox.fastpath import FastPath
 
@@ -48,15 +48,19 @@ def streaming(checkpoint: Path) -> Iterator:  # type: ignore[type-arg]  # noqa: 
 
 
 def speak(backend, text: str = TEXT, params: SamplingParams = GREEDY) -> List[Piece]:  # type: ignore[no-untyped-def]
-    return list(backend.synthesize(text, "default", "en", params, lambda: False))
+    return audible(backend.synthesize(text, "default", "en", params, lambda: False))
 
 
 def test_a_one_shot_group_is_one_piece_and_one_s3gen_call(streaming) -> None:  # type: ignore[no-untyped-def]
-    pieces = list(
+    everything = list(
         streaming.synthesize_whole(TEXT, "default", "en", GREEDY, lambda: False)
     )
+    pieces = audible(everything)
     stats = streaming.group_stats[-1]
     assert len(pieces) == 1 and stats["pieces"] == 1
+    # The worker had its turn after each block of 8 of T3's 70 tokens, and
+    # the audio came last.
+    assert len(everything) == 1 + 9 and everything[-1] is pieces[0]
     assert stats["s3gen_tokens"] == [70 + SILENCE_TOKENS]
     assert len(pieces[0].audio) == SAMPLES_PER_TOKEN * (70 + SILENCE_TOKENS)
     assert pieces[0].tokens == 70
@@ -69,6 +73,32 @@ def test_cpu_default_is_one_piece_per_group_and_cuda_streams() -> None:
     assert fast.resolved_dtype("cuda:0") == "bfloat16"
     assert fast.uses_graphs("cuda") and not fast.uses_graphs("cpu")
     assert not FastPath(static_cache=False).uses_graphs("cuda")
+    assert fast.batch("cuda") == 16 and fast.batch("cpu") == 4
+    assert FastPath(t3_batch=1).batch("cuda") == 1
+    assert FastPath(static_cache=False).batch("cuda") == 1
+
+
+def test_two_groups_share_t3_steps(checkpoint: Path) -> None:  # noqa: F811
+    """Two one-shot groups begun one after the other: after the first block
+    the second rides along in the first's steps, and each still gets its own
+    whole audio (one piece) from its own tokens."""
+    backend = make_backend(checkpoint, 40, stream_in_group=False, t3_batch=2)
+    try:
+        assert backend.batch_size == 2
+        first = backend.synthesize_whole(TEXT, "default", "en", GREEDY, lambda: False)
+        second = backend.synthesize_whole(TEXT, "default", "en", GREEDY, lambda: False)
+        head = [next(first), next(second)]  # each begun: a block each
+        pieces = [audible(head[:1] + list(first)), audible(head[1:] + list(second))]
+        for group in pieces:
+            assert len(group) == 1 and group[0].tokens == 40
+            assert len(group[0].audio) == SAMPLES_PER_TOKEN * (40 + SILENCE_TOKENS)
+        stats = list(backend.group_stats)[-2:]
+        # Of each one's 40 steps, 32 served both: first's first 8 ran alone
+        # (second not begun), second's last 8 ran alone (first done).
+        assert [s["t3_batch"] for s in stats] == [pytest.approx(72 / 40)] * 2
+        assert backend._decoder.free_slots == 2
+    finally:
+        backend.close()
 
 
 def test_a_group_comes_in_growing_pieces_that_add_up(streaming) -> None:  # type: ignore[no-untyped-def]
@@ -121,7 +151,8 @@ def test_a_stop_inside_a_group_ends_it_within_a_piece(streaming) -> None:  # typ
     stop = False
     group = streaming.synthesize(TEXT, "default", "en", GREEDY, lambda: stop)
     first = next(group)
-    assert first.audio.size > 0
+    while not first.audio.size:  # the worker's turns between T3 blocks
+        first = next(group)
     stop = True
     started = time.monotonic()
     with pytest.raises(SynthesisCancelled):
@@ -155,3 +186,13 @@ def test_bad_speed_flags_are_refused_at_startup() -> None:
     )
     assert result.returncode == 1
     assert "--first-piece-tokens must be 4 to 1000" in result.stderr
+    result = subprocess.run(
+        [sys.executable, "-m", "wyoming_chatterbox", "--t3-batch", "0"],
+        env=ENV,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 1
+    assert "--t3-batch must be 1 to 64" in result.stderr

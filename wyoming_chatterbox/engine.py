@@ -75,10 +75,18 @@ class ResolvedVoice:
 
 @dataclass
 class Piece:
-    """A piece of generated audio: float32 mono samples in [-1, 1]."""
+    """A piece of generated audio: float32 mono samples in [-1, 1].
+
+    A piece with no samples is not audio: a backend yields one (NOTHING_YET)
+    between model steps to hand the worker back, which may then go on with
+    another stream's work first.
+    """
 
     audio: np.ndarray
     tokens: int = 0  # speech tokens behind this piece, for logs and tests
+
+
+NOTHING_YET = Piece(audio=np.zeros(0, dtype=np.float32))
 
 
 class SynthesisCancelled(Exception):
@@ -144,7 +152,11 @@ class SpeechBackend(ABC):
         params: SamplingParams,
         should_stop: Callable[[], bool],
     ) -> Iterator[Piece]:
-        """Speak one sentence group; raise SynthesisCancelled when should_stop()."""
+        """Speak one sentence group; raise SynthesisCancelled when should_stop().
+
+        Pieces with no samples (NOTHING_YET) may come between the audio: the
+        worker takes its turns between streams there.
+        """
 
     def synthesize_whole(
         self,
@@ -158,6 +170,14 @@ class SpeechBackend(ABC):
         ends (Home Assistant's one-shot synthesize): pieces within the group
         would only add work. By default the same as synthesize()."""
         return self.synthesize(text, voice, language, params, should_stop)
+
+    @property
+    def batch_size(self) -> int:
+        """How many sentence groups the model advances in one step. Above 1,
+        the worker begins waiting groups before it goes on with begun ones
+        (each then costs little more than its prompt: it joins the others'
+        steps), as long as fewer than this many are begun."""
+        return 1
 
     def warm_up(self) -> None:
         """One short generation after load, so the first request is not slow."""
@@ -476,23 +496,31 @@ class EngineWorker:
         """The stream whose listener runs out of audio first, among those with a
         group half-spoken or a pending group and room ahead.
 
-        Work goes one piece at a time, so a long reply cannot hold the model
-        while a short one waits: a new reply (no audio yet) goes before replies
-        whose listeners still have audio buffered, and those are served in the
-        order their buffers run dry. Ties keep the streams' order of arrival.
+        Work goes one piece (or one model step) at a time, so a long reply
+        cannot hold the model while a short one waits: a new reply (no audio
+        yet) goes before replies whose listeners still have audio buffered,
+        and those are served in the order their buffers run dry. Ties keep
+        the streams' order of arrival. A backend that steps several groups at
+        once (batch_size) gets groups to begin first, while it has room.
         """
         best: Optional[SynthesisStream] = None
+        best_key = (True, 0.0)
         active = sum(1 for stream in self._streams if stream._group is not None)
         room = active < self.max_active_groups
+        admit = active < self.backend.batch_size
         for stream in self._streams:
-            ready = stream._group is not None or (
-                room
+            begins = (
+                stream._group is None
+                and room
                 and bool(stream._pending)
                 and stream._ahead < self.max_groups_ahead
                 and not self._waits_for_before(stream)
             )
-            if ready and (best is None or stream._deadline < best._deadline):
-                best = stream
+            if stream._group is None and not begins:
+                continue
+            key = (not (admit and begins), stream._deadline)
+            if best is None or key < best_key:
+                best, best_key = stream, key
         return best
 
     @staticmethod
@@ -690,7 +718,8 @@ class EngineWorker:
             error = err
         else:
             if not should_stop():
-                self._emit(stream, piece)
+                if piece.audio.size:
+                    self._emit(stream, piece)
                 return
         self._end_group(stream, error)
 

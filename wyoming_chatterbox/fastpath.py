@@ -14,6 +14,11 @@ from typing import Optional
 DEFAULT_FIRST_PIECE_TOKENS = 20
 DEFAULT_MAX_PIECE_TOKENS = 160
 T3_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# A T3 step reads all its weights whoever it serves, so on a GPU serving the
+# engine's 16 groups at once costs about what one does. On 2 CPU cores 4 took
+# 2.1 times one (docs/benchmarks.md); more makes each step slower than a
+# listener can wait for.
+DEFAULT_T3_BATCH = {"cuda": 16, "cpu": 4}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,6 +45,9 @@ class FastPath:
     # Watermark each piece on its own thread while the model goes on, instead of
     # on the worker thread between the model's steps.
     async_watermark: bool = True
+    # Sentence groups (of any clients) T3 advances in one decode step (needs
+    # static_cache); 1: one at a time. None: DEFAULT_T3_BATCH for the device.
+    t3_batch: Optional[int] = None
 
     def __post_init__(self) -> None:
         if self.t3_dtype not in T3_DTYPES:
@@ -48,6 +56,8 @@ class FastPath:
             raise ValueError("--first-piece-tokens must be 4 to 1000")
         if self.max_piece_tokens < self.first_piece_tokens:
             raise ValueError("the largest piece must be at least the first")
+        if self.t3_batch is not None and not 1 <= self.t3_batch <= 64:
+            raise ValueError("--t3-batch must be 1 to 64")
 
     def resolved_dtype(self, device: str) -> str:
         if self.t3_dtype != "auto":
@@ -58,6 +68,14 @@ class FastPath:
         if self.stream_in_group is None:
             return device.startswith("cuda")
         return self.stream_in_group
+
+    def batch(self, device: str) -> int:
+        """Groups per T3 step (1 without the static cache)."""
+        if not self.static_cache:
+            return 1
+        if self.t3_batch is not None:
+            return self.t3_batch
+        return DEFAULT_T3_BATCH["cuda" if device.startswith("cuda") else "cpu"]
 
     def uses_graphs(self, device: str) -> bool:
         return self.static_cache and self.cuda_graphs and device.startswith("cuda")
@@ -70,6 +88,8 @@ class FastPath:
         ]
         if self.uses_graphs(device):
             parts.append("CUDA graphs")
+        if self.batch(device) > 1:
+            parts.append(f"up to {self.batch(device)} groups per T3 step")
         if self.streams_in_group(device):
             parts.append(
                 f"audio from the first {self.first_piece_tokens} tokens of a group"
@@ -127,6 +147,15 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         f"(default: {DEFAULT_FIRST_PIECE_TOKENS})",
     )
     group.add_argument(
+        "--t3-batch",
+        type=int,
+        default=None,
+        metavar="N",
+        help="sentence groups (of all clients) T3 advances in one step; 1 turns "
+        "batching off (default: %s on CUDA, %s on the CPU)"
+        % (DEFAULT_T3_BATCH["cuda"], DEFAULT_T3_BATCH["cpu"]),
+    )
+    group.add_argument(
         "--no-async-watermark",
         action="store_true",
         help="watermark on the model's thread instead of its own",
@@ -143,4 +172,5 @@ def from_args(args: argparse.Namespace) -> FastPath:
         first_piece_tokens=args.first_piece_tokens,
         max_piece_tokens=max(DEFAULT_MAX_PIECE_TOKENS, args.first_piece_tokens),
         async_watermark=not args.no_async_watermark,
+        t3_batch=args.t3_batch,
     )

@@ -311,6 +311,7 @@ class T3Decoder:
             self._load_weights(t3)
             self._positions = torch.arange(max_positions, device=self.device)
         self.vocab: int = int(self.head_w.size(0))
+        self.steps_run = 0  # decode steps, each for one generation or several
         self._pool: Optional[_Pool] = None
         self._free: List[int] = []  # rows made and not held, a heap
         self._n_slots = 0  # rows made
@@ -513,6 +514,7 @@ class T3Decoder:
         length (its position + 1); the rows must be the active ones."""
         pool = self._pool
         assert pool is not None
+        self.steps_run += 1
         if self.cuda_graphs:
             n = 1 << max(rows).bit_length()  # rows [0, n): a power of two
             span = next(s for s in self.spans if s >= max(lengths))
@@ -930,8 +932,6 @@ class Generation:
             if self._finished:
                 self.close()
                 raise StopIteration
-            if self._should_stop():
-                raise SynthesisCancelled()
             if self._ran >= self._max_tokens:
                 self._end(cut=True)
                 continue

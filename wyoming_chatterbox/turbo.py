@@ -47,7 +47,13 @@ from .backend import (
     ChatterboxBackend,
 )
 from .download import MODEL_FILES, ensure_model
-from .engine import ModelLoadError, Piece, SamplingParams, SynthesisCancelled
+from .engine import (
+    NOTHING_YET,
+    ModelLoadError,
+    Piece,
+    SamplingParams,
+    SynthesisCancelled,
+)
 from .fastpath import FastPath
 
 _LOGGER = logging.getLogger(__name__)
@@ -278,6 +284,8 @@ class TurboBackend(ChatterboxBackend):
                 self.device,
                 dtype,
                 cuda_graphs=self.fast.uses_graphs(self.device),
+                max_batch=self.fast.batch(self.device),
+                lead_tokens=self.fast.max_piece_tokens,
             )
             if dtype != torch.float32:
                 # The decoder holds T3's transformer in its own precision; the
@@ -289,6 +297,10 @@ class TurboBackend(ChatterboxBackend):
             )
         _LOGGER.info("Speed settings: %s", self.fast.describe(self.device))
         return model
+
+    @property
+    def batch_size(self) -> int:
+        return self._decoder.max_batch if self._decoder is not None else 1
 
     def warm_up(self) -> None:
         if self._decoder is not None:
@@ -438,6 +450,9 @@ class TurboBackend(ChatterboxBackend):
             pieces = self._whole_group(conds, generation, should_stop, stats)
         try:
             for piece in pieces:
+                if not piece.audio.size:
+                    yield piece  # the worker's turn between T3 blocks
+                    continue
                 if stats["first_piece_s"] is None:
                     stats["first_piece_s"] = time.monotonic() - started
                 stats["pieces"] += 1
@@ -452,6 +467,12 @@ class TurboBackend(ChatterboxBackend):
             prefill_s=generation.prefill_s,
             decode_s=generation.decode_s,
             ms_per_token=1000 * generation.decode_s / tokens if tokens else None,
+            # Groups per T3 step, on average over this group's steps.
+            t3_batch=(
+                generation.batched_steps / generation.steps
+                if getattr(generation, "steps", 0)
+                else None
+            ),
             total_s=time.monotonic() - started,
         )
         self.group_stats.append(stats)
@@ -479,7 +500,10 @@ class TurboBackend(ChatterboxBackend):
         import torch
         from chatterbox.models.s3gen.const import S3GEN_SIL
 
-        tokens = [t for block in generation for t in block if t < SPEECH_VOCAB_REAL]
+        tokens: List[int] = []
+        for block in generation:
+            tokens.extend(t for t in block if t < SPEECH_VOCAB_REAL)
+            yield NOTHING_YET  # other streams' work may go between T3 blocks
         if should_stop():
             raise SynthesisCancelled()
         started = time.monotonic()
@@ -584,9 +608,13 @@ class TurboBackend(ChatterboxBackend):
                         # it as soon as it is marked.
                         first = False
                         marks[0].result()
+            gave = False
             while marks and marks[0].done():
                 audio, tokens = marks.popleft().result()
+                gave = True
                 yield Piece(audio=audio, tokens=tokens)
+            if not gave:
+                yield NOTHING_YET  # other streams' work may go between T3 blocks
         batch = pending
         mark(s3gen(lambda: streamer.finish(batch), len(batch) + 3), len(batch), True)
         while marks:
