@@ -5,8 +5,9 @@ For each number N of groups decoding at the same time (several clients'
 replies), it runs N generations of the same forced length through
 t3_decoder.T3Decoder, pulling blocks round-robin as the engine's worker does,
 twice: one group per step (`--t3-batch 1`) and all N in each step. Reported:
-the wall time, milliseconds per decode step, each group's milliseconds per
-token (what its listener waits), and tokens per second over all groups.
+the wall time (the groups' prompts included), milliseconds per decode step
+(wall / steps), each group's milliseconds per token (what its listener
+waits), and tokens per second over all groups.
 
 Run it on the full-size checkpoint (`script/test-checkpoint DIR --full`): the
 test checkpoint's tiny T3 says nothing about the real model's step cost.
@@ -95,6 +96,7 @@ def run_level(
             "decode_steps": steps,
             "ms_per_step": 1000 * wall / steps,
             "first_block_s_max": max(f for f in first if f is not None),
+            "prefill_s": sum(g.prefill_s for g in generations),
         }
 
     run()  # warm-up: kernels, graphs, allocations
@@ -168,14 +170,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"best of {args.repeats} after a warm-up; load average {load_before} at "
         f"start, {_load_average()} at end; {took:.0f} s",
         "",
-        "| groups | per step | wall | ms per step | ms per token, each group "
-        "| tokens/s, all | first block, last group |",
-        "|---|---|---|---|---|---|---|",
+        "| groups | per step | wall | of which prefills | ms per step "
+        "| ms per token, each group | tokens/s, all | first block, last group |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for row in rows:
         lines.append(
             f"| {row['groups']} | {row['batch']} | {row['wall_s']:.2f} s "
-            f"| {row['ms_per_step']:.1f} | {row['ms_per_token_per_group']:.1f} "
+            f"| {row['prefill_s']:.2f} s | {row['ms_per_step']:.1f} "
+            f"| {row['ms_per_token_per_group']:.1f} "
             f"| {row['tokens_per_s']:.1f} | {row['first_block_s_max']:.2f} s |"
         )
     print("\n".join(lines))
