@@ -3,8 +3,8 @@
 A script, not a test: it measures and reports, and asserts nothing about speed.
 For each number N of groups decoding at the same time (several clients'
 replies), it runs N generations of the same forced length through
-t3_decoder.T3Decoder, pulling blocks round-robin as the engine's worker does,
-twice: one group per step (`--t3-batch 1`) and all N in each step. Reported:
+t3_decoder.T3Decoder, all begun (their prompts run) and then pulled a block
+at a time round-robin, as the engine's worker does, twice: one group per step (`--t3-batch 1`) and all N in each step. Reported:
 the wall time (the groups' prompts included), milliseconds per decode step
 (wall / steps), each group's milliseconds per token (what its listener
 waits), and tokens per second over all groups.
@@ -74,6 +74,8 @@ def run_level(
         ]
         first: List[Optional[float]] = [None] * groups
         started = time.perf_counter()
+        for generation in generations:
+            generation.start()  # the engine begins waiting groups first
         alive = list(range(groups))
         while alive:
             for i in list(alive):
@@ -166,7 +168,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         f"- git: {git_commit()}; torch {torch.__version__}, "
         f"{torch.get_num_threads()} threads; T3 {layers} layers, width {width}, "
         f"{args.dtype}, device {args.device}",
-        f"- {args.tokens} tokens per group (forced), blocks pulled round-robin; "
+        f"- {args.tokens} tokens per group (forced), all prompts first, then "
+        "blocks pulled round-robin; "
         f"best of {args.repeats} after a warm-up; load average {load_before} at "
         f"start, {_load_average()} at end; {took:.0f} s",
         "",

@@ -14,11 +14,12 @@ from typing import Optional
 DEFAULT_FIRST_PIECE_TOKENS = 20
 DEFAULT_MAX_PIECE_TOKENS = 160
 T3_DTYPES = ("auto", "float32", "bfloat16", "float16")
-# A T3 step reads all its weights whoever it serves, so on a GPU serving the
-# engine's 16 groups at once costs about what one does. On 2 CPU cores 4 took
-# 2.1 times one (docs/benchmarks.md); more makes each step slower than a
-# listener can wait for.
-DEFAULT_T3_BATCH = {"cuda": 16, "cpu": 4}
+# A T3 step reads all its weights whoever it serves, so several groups in one
+# step cost little more than one: on 2 CPU cores at full size, 16 groups a step
+# made 2.1 times the tokens per second of one group a step (docs/benchmarks.md,
+# script/bench-t3); a GPU step is bound by those reads at any small batch. 16
+# is the most groups the engine begins at once.
+DEFAULT_T3_BATCH = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +47,7 @@ class FastPath:
     # on the worker thread between the model's steps.
     async_watermark: bool = True
     # Sentence groups (of any clients) T3 advances in one decode step (needs
-    # static_cache); 1: one at a time. None: DEFAULT_T3_BATCH for the device.
+    # static_cache); 1: one at a time. None: DEFAULT_T3_BATCH.
     t3_batch: Optional[int] = None
 
     def __post_init__(self) -> None:
@@ -75,7 +76,7 @@ class FastPath:
             return 1
         if self.t3_batch is not None:
             return self.t3_batch
-        return DEFAULT_T3_BATCH["cuda" if device.startswith("cuda") else "cpu"]
+        return DEFAULT_T3_BATCH
 
     def uses_graphs(self, device: str) -> bool:
         return self.static_cache and self.cuda_graphs and device.startswith("cuda")
@@ -152,8 +153,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=None,
         metavar="N",
         help="sentence groups (of all clients) T3 advances in one step; 1 turns "
-        "batching off (default: %s on CUDA, %s on the CPU)"
-        % (DEFAULT_T3_BATCH["cuda"], DEFAULT_T3_BATCH["cpu"]),
+        f"batching off (default: {DEFAULT_T3_BATCH})",
     )
     group.add_argument(
         "--no-async-watermark",

@@ -896,6 +896,15 @@ class Generation:
             self._finalizer()  # runs once: releases the slot
             self._finalizer = None
 
+    def start(self) -> None:
+        """Take a slot and run the prompt now (the first next() otherwise does):
+        a group begun this way joins the next step of any running generation,
+        so a crowd of new groups all get the prompt done before the first of
+        them takes its steps."""
+        if not self._started and not self._done:
+            with torch.inference_mode():
+                self._start()
+
     def _start(self) -> None:
         dec = self._decoder
         started = time.monotonic()

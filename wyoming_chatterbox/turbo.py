@@ -443,6 +443,16 @@ class TurboBackend(ChatterboxBackend):
             generation = self._generation(
                 conds, text_tokens, params, should_stop, min_tokens, max_tokens
             )
+        start = getattr(generation, "start", None)
+        if start is not None:
+            # The prompt now, then the worker's turn: a group that waits may
+            # begin too, and T3's next steps serve both (see batch_size).
+            try:
+                start()
+            except BaseException:
+                generation.close()
+                raise
+            yield NOTHING_YET
         pieces: Generator[Piece, None, None]
         if not whole and self.fast.streams_in_group(self.device):
             pieces = self._stream_group(conds, generation, should_stop, stats)
