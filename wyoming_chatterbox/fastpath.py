@@ -16,7 +16,7 @@ DEFAULT_MAX_PIECE_TOKENS = 160
 T3_DTYPES = ("auto", "float32", "bfloat16", "float16")
 # A T3 step reads all its weights whoever it serves, so several groups in one
 # step cost little more than one: on 2 CPU cores at full size, 16 groups a step
-# made 2.1 times the tokens per second of one group a step (docs/benchmarks.md,
+# made 4.0 times the tokens per second of one group a step (docs/benchmarks.md,
 # script/bench-t3); a GPU step is bound by those reads at any small batch. 16
 # is the most groups the engine begins at once.
 DEFAULT_T3_BATCH = 16

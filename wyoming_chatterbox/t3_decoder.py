@@ -16,8 +16,8 @@ runs its own GPT-2 forward over the same weights with:
   (several clients' sentence groups) advance together. A generation asked for
   its next tokens takes the others along in the same steps, as long as they
   are not far ahead of their own readers (`lead_tokens`); their tokens wait
-  for them. Measured on 2 CPU cores at full size: 4 generations in a step
-  take 2.1 times one (`script/bench --t3-sweep`);
+  for them. On 2 CPU cores at full size, 16 generations in each step made 4
+  times the tokens per second of one a step (`script/bench-t3`);
 - attention over only as many cache positions as the step needs: on the
   eager path each row's own length, in a graph the smallest multiple of
   `SPAN_STEP` that holds the batch's longest;
