@@ -778,3 +778,33 @@ def test_cuda_graph_replay_matches_eager(model: Any, rand_t3: Any) -> None:
         )
         decoder.close()
     assert results[0] == results[1]
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_batched_graphs_match_solo_eager(model: Any, rand_t3: Any) -> None:
+    """Three generations in shared steps, replayed as graphs over rows [0, n),
+    get the tokens each gets alone without graphs."""
+    t3 = copy.deepcopy(rand_t3).to("cuda")
+    voices = [
+        copy.deepcopy(cond).to(device="cuda")
+        for cond in (model.conds.t3, _other_voice(model))
+    ]
+    texts = [_text(model, TEXT).to("cuda"), _text(model, OTHER_TEXT).to("cuda")]
+    plan = [(0, 0, 30, 30), (1, 1, 53, 53), (0, 1, 0, 41)]
+
+    def run(decoder: T3Decoder) -> List[List[int]]:
+        prefixes = [decoder.prefix(voice) for voice in voices]
+        generations = [
+            decoder.generate(prefixes[v], texts[t], GREEDY, _never, low, high)
+            for v, t, low, high in plan
+        ]
+        return _interleaved(generations, [0, 1, 2])[0]
+
+    solo = T3Decoder(t3, "cuda", torch.float32, cuda_graphs=False)
+    expected = run(solo)
+    solo.close()
+    decoder = T3Decoder(t3, "cuda", torch.float32, cuda_graphs=True, max_batch=4)
+    decoder.warm_up()
+    assert run(decoder) == expected
+    assert decoder.cuda_graphs and {n for n, _ in decoder._pool.graphs} >= {4}
+    decoder.close()

@@ -603,8 +603,8 @@ class T3Decoder:
 
     def _companions(self, primary: "Generation") -> List["Generation"]:
         """Running generations to take along in `primary`'s steps: those not
-        far ahead of their readers and not stopped, at most max_batch - 1, the
-        earliest begun first."""
+        far ahead of their readers, at most max_batch - 1, the earliest begun
+        first (one whose stop flag is up drops out before the first step)."""
         found: List[Generation] = []
         running: List["weakref.ref[Generation]"] = []
         for ref in self._running:
@@ -617,7 +617,6 @@ class T3Decoder:
                 or len(found) + 1 >= self.max_batch
                 or len(other._buffer) >= self.lead_tokens
                 or other._ran >= other._max_tokens
-                or other._should_stop()
             ):
                 continue
             found.append(other)

@@ -443,22 +443,18 @@ class TurboBackend(ChatterboxBackend):
             generation = self._generation(
                 conds, text_tokens, params, should_stop, min_tokens, max_tokens
             )
-        start = getattr(generation, "start", None)
-        if start is not None:
-            # The prompt now, then the worker's turn: a group that waits may
-            # begin too, and T3's next steps serve both (see batch_size).
-            try:
-                start()
-            except BaseException:
-                generation.close()
-                raise
-            yield NOTHING_YET
-        pieces: Generator[Piece, None, None]
-        if not whole and self.fast.streams_in_group(self.device):
-            pieces = self._stream_group(conds, generation, should_stop, stats)
-        else:
-            pieces = self._whole_group(conds, generation, should_stop, stats)
+        pieces: Optional[Generator[Piece, None, None]] = None
         try:
+            start = getattr(generation, "start", None)
+            if start is not None:
+                # The prompt now, then the worker's turn: a group that waits
+                # may begin too, and T3's next steps serve both (batch_size).
+                start()
+                yield NOTHING_YET
+            if not whole and self.fast.streams_in_group(self.device):
+                pieces = self._stream_group(conds, generation, should_stop, stats)
+            else:
+                pieces = self._whole_group(conds, generation, should_stop, stats)
             for piece in pieces:
                 if not piece.audio.size:
                     yield piece  # the worker's turn between T3 blocks
@@ -468,7 +464,8 @@ class TurboBackend(ChatterboxBackend):
                 stats["pieces"] += 1
                 yield piece
         finally:
-            pieces.close()
+            if pieces is not None:
+                pieces.close()
             generation.close()
         tokens = generation.n_tokens
         stats.update(
