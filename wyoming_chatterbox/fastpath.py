@@ -85,7 +85,8 @@ class FastPath:
         """One line for the startup log."""
         parts = [
             ("static KV cache" if self.static_cache else "library decode loop"),
-            f"T3 in {self.resolved_dtype(device)}",
+            # The library's loop runs T3 as loaded: float32.
+            f"T3 in {self.resolved_dtype(device) if self.static_cache else 'float32'}",
         ]
         if self.uses_graphs(device):
             parts.append("CUDA graphs")
