@@ -135,6 +135,8 @@ def test_each_switch_off_gives_the_same_length(checkpoint: Path) -> None:  # noq
         assert len(pieces) == 1
         assert len(pieces[0].audio) == SAMPLES_PER_TOKEN * (30 + SILENCE_TOKENS)
         assert backend._decoder is None and backend._marker is None
+        assert backend.batch_size == 1  # the library's loop: one group a step
+        assert backend.group_stats[-1]["t3_batch"] == 1.0
     finally:
         backend.close()
 

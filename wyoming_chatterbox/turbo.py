@@ -146,6 +146,7 @@ class _EagerGeneration:
     ) -> None:
         self.cut = False
         self.n_tokens = 0
+        self.steps = 0  # decode steps run (tokens sampled, a stop token included)
         self.prefill_s = 0.0
         self.decode_s = 0.0
         self._args = (t3, t3_cond, text_tokens, params, should_stop)
@@ -153,6 +154,13 @@ class _EagerGeneration:
         self._max_tokens = min(max_tokens, MAX_SPEECH_TOKENS)
         self._block = block
         self._iterator: Optional[Generator[List[int], None, None]] = None
+
+    @property
+    def batched_steps(self) -> int:
+        return self.steps  # one generation a step, always
+
+    def start(self) -> None:
+        """Nothing to do ahead: the prompt runs with the first block."""
 
     def __iter__(self) -> Iterator[List[int]]:
         if self._iterator is None:
@@ -220,6 +228,7 @@ class _EagerGeneration:
                     step_logits[:, stop_token] = -float("inf")
                 scores = processors(history, step_logits)
                 next_token = torch.multinomial(F.softmax(scores, dim=-1), 1)
+                self.steps += 1
                 token = int(next_token)
                 if token != stop_token:
                     generated = torch.cat([generated, next_token], dim=1)
@@ -445,12 +454,10 @@ class TurboBackend(ChatterboxBackend):
             )
         pieces: Optional[Generator[Piece, None, None]] = None
         try:
-            start = getattr(generation, "start", None)
-            if start is not None:
-                # The prompt now, then the worker's turn: a group that waits
-                # may begin too, and T3's next steps serve both (batch_size).
-                start()
-                yield NOTHING_YET
+            # The prompt now, then the worker's turn: a group that waits may
+            # begin too, and T3's next steps serve both (batch_size).
+            generation.start()
+            yield NOTHING_YET
             if not whole and self.fast.streams_in_group(self.device):
                 pieces = self._stream_group(conds, generation, should_stop, stats)
             else:
@@ -477,7 +484,7 @@ class TurboBackend(ChatterboxBackend):
             # Groups per T3 step, on average over this group's steps.
             t3_batch=(
                 generation.batched_steps / generation.steps
-                if getattr(generation, "steps", 0)
+                if generation.steps
                 else None
             ),
             total_s=time.monotonic() - started,
