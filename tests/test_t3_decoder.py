@@ -376,9 +376,9 @@ def _counting(decoder: T3Decoder, monkeypatch: Any) -> List[int]:
     count = [0]
     run_step = decoder._run_step
 
-    def counted(rows: List[int], lengths: List[int]) -> None:
+    def counted(rows: List[int], lengths: List[int], idx: Any = None) -> None:
         count[0] += 1
-        run_step(rows, lengths)
+        run_step(rows, lengths, idx)
 
     monkeypatch.setattr(decoder, "_run_step", counted)
     return count

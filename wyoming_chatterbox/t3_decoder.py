@@ -509,9 +509,12 @@ class T3Decoder:
         rows = slice(0, n)
         return lambda: self._step(pool, idx, rows, span)
 
-    def _run_step(self, rows: List[int], lengths: List[int]) -> None:
+    def _run_step(
+        self, rows: List[int], lengths: List[int], idx: Optional[torch.Tensor] = None
+    ) -> None:
         """One step of the slots `rows`, each with its host-known attention
-        length (its position + 1); the rows must be the active ones."""
+        length (its position + 1); the rows must be the active ones. `idx`:
+        the rows as a device tensor, if the caller has it already."""
         pool = self._pool
         assert pool is not None
         self.steps_run += 1
@@ -522,7 +525,8 @@ class T3Decoder:
             if graph is not None:
                 graph.replay()
                 return
-        idx = torch.tensor(rows, device=self.device)
+        if idx is None:
+            idx = torch.tensor(rows, device=self.device)
         self._step(pool, idx, rows, lengths)
 
     def _graph(self, pool: _Pool, n: int, span: int) -> Optional[Any]:
@@ -635,6 +639,10 @@ class T3Decoder:
         mask[[g._row for g in members]] = True
         pool.active.copy_(mask)
         live = members
+        # The rows as a device tensor for the eager step, made again only when
+        # a member drops out (not once per token).
+        live_rows = [g._row for g in live]
+        live_idx = torch.tensor(live_rows, device=self.device)
         cancelled = False
         started = time.monotonic()
         for n in range(self.sync_every):
@@ -651,11 +659,11 @@ class T3Decoder:
                     if g not in going:
                         pool.active[g._row] = False
                 live = going
+                live_rows = [g._row for g in live]
+                live_idx = torch.tensor(live_rows, device=self.device)
             if primary not in live:
                 break
-            self._run_step(
-                [g._row for g in live], [g._prompt + g._ran + 1 for g in live]
-            )
+            self._run_step(live_rows, [g._prompt + g._ran + 1 for g in live], live_idx)
             for g in live:
                 g._ran += 1
                 g.batched_steps += len(live)
