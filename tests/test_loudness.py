@@ -13,6 +13,7 @@ from wyoming_chatterbox.loudness import (
     MAX_GAIN_DB,
     MIN_GAIN_DB,
     LoudnessNormalizer,
+    _integrated,
     measure_lufs,
 )
 
@@ -317,6 +318,25 @@ def test_measure_lufs() -> None:
     bad = audio.copy()
     bad[5] = np.nan
     assert measure_lufs(bad, SR) is None
+
+
+@pytest.mark.parametrize("block_s", [0.4, 0.1])
+def test_the_meter_is_pyloudnorms_to_the_last_digit(block_s: float) -> None:
+    # measure_lufs sums the gating blocks at once; pyloudnorm loops over them.
+    rng = np.random.default_rng(5)
+    meter = pyloudnorm.Meter(SR, block_size=block_s)
+    for trial in range(60):
+        n = int(rng.integers(int(block_s * SR), 20 * SR))
+        audio = rng.normal(0.0, 10 ** rng.uniform(-4, 0), n)
+        if trial % 3 == 0:  # a silent stretch: some blocks under the gates
+            start = int(rng.integers(0, n))
+            audio[start : start + int(rng.integers(0, n))] = 0.0
+        expected = float(meter.integrated_loudness(audio))
+        ours = _integrated(audio, SR, block_s)
+        if ours is None:
+            assert not np.isfinite(expected)
+        else:
+            assert ours == pytest.approx(expected, abs=1e-9)
 
 
 def test_random_inputs_stay_bounded() -> None:
