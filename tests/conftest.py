@@ -9,9 +9,9 @@ import pytest
 
 from tests.fakes import FakeBackend
 from tests.wyoming_client import free_port
-from wyoming_chatterbox.__main__ import run_server
-from wyoming_chatterbox.engine import SpeechBackend
-from wyoming_chatterbox.handler import ServerSettings
+from wyoming_chatterbox.server import run_server
+from wyoming_chatterbox.settings import Settings
+from wyoming_chatterbox.speech import SpeechBackend
 
 
 @dataclass
@@ -26,7 +26,7 @@ ServerFactory = Callable[..., "contextlib.AbstractAsyncContextManager[RunningSer
 
 @contextlib.asynccontextmanager
 async def _serve(
-    backend: SpeechBackend, settings: ServerSettings
+    backend: SpeechBackend, settings: Settings
 ) -> AsyncIterator[RunningServer]:
     port = free_port()
     ready = asyncio.Event()
@@ -35,7 +35,11 @@ async def _serve(
         ready.set()
 
     task = asyncio.create_task(
-        run_server(backend, settings, f"tcp://127.0.0.1:{port}", on_ready=on_ready)
+        run_server(
+            backend,
+            settings.replace(server={"uri": f"tcp://127.0.0.1:{port}"}),
+            on_ready=on_ready,
+        )
     )
     await asyncio.wait_for(ready.wait(), 10)
     # run_server has called server.run(); give asyncio.start_server a moment.
@@ -70,7 +74,7 @@ def serve() -> Callable[..., "contextlib.AbstractAsyncContextManager[RunningServ
     ) -> "contextlib.AbstractAsyncContextManager[RunningServer]":
         # Loudness and text cleanup off unless asked: most tests check the fake
         # backend's exact samples for the exact text sent.
-        settings = ServerSettings(
+        settings = Settings.of(
             default_voice="default",
             streaming=streaming,
             samples_per_chunk=samples_per_chunk,

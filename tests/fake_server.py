@@ -10,8 +10,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from tests.fakes import FakeBackend  # noqa: E402
-from wyoming_chatterbox.__main__ import run_server  # noqa: E402
-from wyoming_chatterbox.handler import ServerSettings  # noqa: E402
+from wyoming_chatterbox.server import run_server  # noqa: E402
+from wyoming_chatterbox.settings import Settings  # noqa: E402
 
 
 def main() -> None:
@@ -23,7 +23,7 @@ def main() -> None:
     parser.add_argument("--grace", type=float, default=5.0)
     args = parser.parse_args()
     logging.basicConfig(level=logging.DEBUG, stream=sys.stderr)
-    settings = ServerSettings(
+    settings = Settings.of(
         default_voice="default",
         streaming=not args.no_streaming,
         loudness=None,
@@ -32,7 +32,8 @@ def main() -> None:
     )
     asyncio.run(
         run_server(
-            FakeBackend(delay=args.delay, chatty=args.chatty), settings, args.uri
+            FakeBackend(delay=args.delay, chatty=args.chatty),
+            settings.replace(server={"uri": args.uri}),
         )
     )
 

@@ -5,19 +5,20 @@ import os
 import threading
 import time
 from pathlib import Path
-from typing import Any, Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Any, Iterator, List, Optional, Tuple
 
 import numpy as np
 
-from wyoming_chatterbox.backend import ChatterboxBackend
-from wyoming_chatterbox.engine import (
+from wyoming_chatterbox.chatterbox.base import ChatterboxBackend
+from wyoming_chatterbox.sentences import split_groups
+from wyoming_chatterbox.speech import (
+    GroupStats,
     Piece,
-    SamplingParams,
     SpeechBackend,
+    SpeechJob,
     SynthesisCancelled,
     VoiceInfo,
 )
-from wyoming_chatterbox.sentences import split_groups
 
 SAMPLES_PER_CHAR = 100
 
@@ -53,7 +54,7 @@ class FakeBackend(SpeechBackend):
         self.finished: List[str] = []
         self.cancelled: List[str] = []
         self.asked_at: List[float] = []
-        self.asked_whole: List[str] = []  # groups asked for through synthesize_whole
+        self.asked_whole: List[str] = []  # groups asked for whole (SpeechJob.whole)
         self.loaded = False
         self.closed = False
         self.loads = 0
@@ -73,15 +74,11 @@ class FakeBackend(SpeechBackend):
         self.closed = True
         self.closes += 1
 
-    def synthesize(
-        self,
-        text: str,
-        voice: str,
-        language: str,
-        params: SamplingParams,
-        should_stop: Callable[[], bool],
-    ) -> Iterator[Piece]:
-        assert self.loaded, "synthesize() on an unloaded model"
+    def speak(self, job: SpeechJob) -> Iterator[Piece]:
+        assert self.loaded, "speak() on an unloaded model"
+        text = job.text
+        if job.whole:
+            self.asked_whole.append(text)
         self.asked.append(text)
         self.asked_at.append(time.monotonic())
         self.started.set()
@@ -92,7 +89,7 @@ class FakeBackend(SpeechBackend):
             raise RuntimeError("fake engine failure")
         deadline = time.monotonic() + self.delay
         while time.monotonic() < deadline:
-            if should_stop():
+            if job.budget.should_stop():
                 self.cancelled.append(text)
                 raise SynthesisCancelled()
             time.sleep(0.002)
@@ -103,17 +100,6 @@ class FakeBackend(SpeechBackend):
         yield Piece(
             audio=np.full(fake_samples(text), value, np.float32), tokens=len(text)
         )
-
-    def synthesize_whole(
-        self,
-        text: str,
-        voice: str,
-        language: str,
-        params: SamplingParams,
-        should_stop: Callable[[], bool],
-    ) -> Iterator[Piece]:
-        self.asked_whole.append(text)
-        return self.synthesize(text, voice, language, params, should_stop)
 
 
 class _FakeModel:
@@ -139,7 +125,7 @@ class FakeClipBackend(ChatterboxBackend):
         self.spoken: List[Tuple[str, Any, str]] = []  # (text, conds, language)
 
     def _find_model(self) -> Path:
-        return self._data_dir
+        return self.settings.data_dir
 
     def _load_model(self, ckpt_dir: Path) -> Any:
         return _FakeModel()
@@ -158,31 +144,18 @@ class FakeClipBackend(ChatterboxBackend):
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(conds))
 
-    def _speak(
-        self,
-        text: str,
-        conds: Any,
-        language: str,
-        params: SamplingParams,
-        should_stop: Callable[[], bool],
-        max_tokens: int,
-    ) -> Tuple[np.ndarray, int, bool]:
-        self.spoken.append((text, conds, language))
-        return np.full(fake_samples(text), 0.1, np.float32), len(text), False
+    def _speak(self, job: SpeechJob, conds: Any, stats: GroupStats) -> Iterator[Piece]:
+        self.spoken.append((job.text, conds, job.language))
+        stats.tokens = len(job.text)
+        yield Piece(
+            audio=np.full(fake_samples(job.text), 0.1, np.float32), tokens=len(job.text)
+        )
 
 
 class FakeMultilingualBackend(FakeClipBackend):
     """Voices listed once per language, as the multilingual backend does."""
 
     languages = {"en": "English", "de": "German", "fr": "French"}
-
-    def _voice_languages(self, wanted: Optional[Sequence[str]]) -> List[str]:
-        if not wanted:
-            return list(self.languages)
-        return [code for code in wanted if code in self.languages]
-
-    def _entry_name(self, voice: str, language: str) -> str:
-        return f"{voice}@{language}"
 
 
 def write_clip(

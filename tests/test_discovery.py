@@ -562,8 +562,9 @@ async def test_server_announces_itself_and_withdraws_on_stop(
 ) -> None:
     from tests.fakes import FakeBackend
     from tests.wyoming_client import free_port
-    from wyoming_chatterbox.__main__ import build_parser, make_advertiser, run_server
-    from wyoming_chatterbox.handler import ServerSettings
+    from wyoming_chatterbox.__main__ import build_parser
+    from wyoming_chatterbox.server import make_advertiser, run_server
+    from wyoming_chatterbox.settings import Settings
 
     port = free_port()
     args = build_parser().parse_args(
@@ -579,8 +580,7 @@ async def test_server_announces_itself_and_withdraws_on_stop(
         task = asyncio.create_task(
             run_server(
                 FakeBackend(),
-                ServerSettings(default_voice="default"),
-                f"tcp://127.0.0.1:{port}",
+                Settings.of(default_voice="default", uri=f"tcp://127.0.0.1:{port}"),
                 stop_signal=stop.wait,
                 advertiser=advertiser,
             )
@@ -606,14 +606,16 @@ async def test_server_announces_itself_and_withdraws_on_stop(
     ],
 )
 def test_bad_zeroconf_options_are_refused(argv: List[str], error: str) -> None:
-    from wyoming_chatterbox.__main__ import build_parser, make_advertiser
+    from wyoming_chatterbox.__main__ import build_parser
+    from wyoming_chatterbox.server import make_advertiser
 
     with pytest.raises(ValueError, match=error):
         make_advertiser(build_parser().parse_args(argv))
 
 
 def test_zeroconf_options() -> None:
-    from wyoming_chatterbox.__main__ import build_parser, make_advertiser
+    from wyoming_chatterbox.__main__ import build_parser
+    from wyoming_chatterbox.server import make_advertiser
 
     parse = build_parser().parse_args
     assert make_advertiser(parse([])) is None

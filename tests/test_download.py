@@ -5,9 +5,10 @@ from typing import Sequence
 
 import pytest
 
-from wyoming_chatterbox import multilingual
-from wyoming_chatterbox.download import REPO_ID, ensure_model
-from wyoming_chatterbox.engine import ModelLoadError
+from wyoming_chatterbox.chatterbox import multilingual
+from wyoming_chatterbox.chatterbox.download import ensure_model
+from wyoming_chatterbox.chatterbox.turbo import ALLOW_PATTERNS, REPO_ID
+from wyoming_chatterbox.speech import ModelLoadError
 
 
 def fake_cached_snapshot(
@@ -30,13 +31,13 @@ def fake_cached_snapshot(
 def test_cached_model_is_used_offline(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     snapshot = fake_cached_snapshot(tmp_path)
-    assert ensure_model(tmp_path) == snapshot
+    assert ensure_model(tmp_path, REPO_ID, ALLOW_PATTERNS) == snapshot
 
 
 def test_no_cache_and_no_network_says_what_to_do(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(ModelLoadError, match="--model-dir"):
-        ensure_model(tmp_path)
+        ensure_model(tmp_path, REPO_ID, ALLOW_PATTERNS)
 
 
 def test_cached_multilingual_model_is_used_offline(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
@@ -48,4 +49,4 @@ def test_cached_multilingual_model_is_used_offline(tmp_path: Path, monkeypatch) 
     assert found == snapshot
     # The two models' caches do not stand in for each other.
     with pytest.raises(ModelLoadError, match="ResembleAI/chatterbox-turbo"):
-        ensure_model(tmp_path)
+        ensure_model(tmp_path, REPO_ID, ALLOW_PATTERNS)

@@ -7,19 +7,20 @@ sentences already held go to the engine at once, as a smaller group.
 
 import asyncio
 import time
-from typing import Callable, Iterator, List
+from typing import Iterator, List
 
 import numpy as np
 from wyoming.tts import SynthesizeChunk, SynthesizeStart, SynthesizeStop
 
 from tests.fakes import FakeBackend
 from tests.wyoming_client import connect
-from wyoming_chatterbox.engine import EngineWorker, Piece, SamplingParams
-from wyoming_chatterbox.handler import ServerSettings
+from wyoming_chatterbox.engine import EngineWorker
 from wyoming_chatterbox.sentences import IncrementalSplitter, split_groups
+from wyoming_chatterbox.settings import Settings
+from wyoming_chatterbox.speech import Piece, SamplingParams, SpeechJob
 
 PARAMS = SamplingParams()
-SETTINGS = ServerSettings(default_voice="default", loudness=None, clean_text=False)
+SETTINGS = Settings.of(default_voice="default", loudness=None, clean_text=False)
 
 
 class SecondsBackend(FakeBackend):
@@ -29,15 +30,8 @@ class SecondsBackend(FakeBackend):
         super().__init__(delay=delay)
         self.seconds = seconds
 
-    def synthesize(  # type: ignore[override]
-        self,
-        text: str,
-        voice: str,
-        language: str,
-        params: SamplingParams,
-        should_stop: Callable[[], bool],
-    ) -> Iterator[Piece]:
-        for _ in super().synthesize(text, voice, language, params, should_stop):
+    def speak(self, job: SpeechJob) -> Iterator[Piece]:
+        for _ in super().speak(job):
             yield Piece(np.zeros(int(self.seconds * self.sample_rate), np.float32))
 
 
@@ -82,7 +76,7 @@ async def test_starving_in_follows_the_listener() -> None:
         stream = worker.open_stream("default", PARAMS)
         assert stream.starving_in() == 0.0  # nothing to hear yet: now
         idle = asyncio.Event()
-        stream.on_idle = idle.set
+        stream.on_idle(idle.set)
         stream.add_group("Hello.")
         pieces = stream.pieces()
         await asyncio.wait_for(pieces.__anext__(), 5)
@@ -213,7 +207,7 @@ async def test_no_early_release_waits_for_full_groups(serve_backend) -> None:
 
     args = build_parser().parse_args(["--no-early-release"])
     assert args.no_early_release
-    settings = ServerSettings(
+    settings = Settings.of(
         default_voice="default", loudness=None, clean_text=False, early_release=False
     )
     backend = SecondsBackend(seconds=0.3)

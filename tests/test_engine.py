@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from tests.fakes import FakeBackend, fake_samples
-from wyoming_chatterbox.engine import (
+from wyoming_chatterbox.engine import EngineWorker
+from wyoming_chatterbox.settings import EngineSettings
+from wyoming_chatterbox.speech import (
     NOTHING_YET,
     EngineError,
-    EngineWorker,
     Piece,
     SamplingParams,
     SynthesisCancelled,
@@ -25,8 +26,8 @@ async def collect(stream) -> List[np.ndarray]:  # type: ignore[no-untyped-def]
     return [piece.audio async for piece in stream.pieces()]
 
 
-async def started_worker(backend: FakeBackend) -> EngineWorker:
-    worker = EngineWorker(backend)
+async def started_worker(backend: FakeBackend, **settings) -> EngineWorker:  # type: ignore[no-untyped-def]
+    worker = EngineWorker(backend, EngineSettings(**settings))
     await worker.start()
     assert backend.loaded
     return worker
@@ -137,7 +138,8 @@ class PiecewiseBackend(FakeBackend):
         self.made: List[tuple] = []
         self.closed_groups: List[tuple] = []
 
-    def synthesize(self, text, voice, language, params, should_stop):  # type: ignore[no-untyped-def]
+    def speak(self, job):  # type: ignore[no-untyped-def]
+        text, should_stop = job.text, job.budget.should_stop
         self.asked.append(text)
         self.started.set()
         made = 0
@@ -224,8 +226,7 @@ async def test_cancel_closes_a_half_spoken_group_on_the_worker_thread() -> None:
 
 async def test_stop_closes_groups_left_half_spoken() -> None:
     backend = PiecewiseBackend(pieces=50, piece_seconds=10.0, delay=0.01)
-    worker = await started_worker(backend)
-    worker.max_groups_ahead = 1
+    worker = await started_worker(backend, max_groups_ahead=1)
     stream = worker.open_stream("default", PARAMS)
     stream.add_group("unfinished")
     while len(backend.made) < 1:
@@ -239,7 +240,7 @@ async def test_groups_begun_at_once_are_capped() -> None:
     # Each begun group holds model state: with a cap of 2, a third stream's
     # group begins only when one of the first two has finished.
     backend = PiecewiseBackend(pieces=5, piece_seconds=0.1, delay=0.005)
-    worker = EngineWorker(backend, max_active_groups=2)
+    worker = EngineWorker(backend, EngineSettings(max_active_groups=2))
     await worker.start()
     streams = [worker.open_stream("default", PARAMS) for _ in range(3)]
     for index, stream in enumerate(streams):
@@ -270,7 +271,8 @@ class SteppingBackend(FakeBackend):
     def batch_size(self) -> int:
         return self.batch
 
-    def synthesize(self, text, voice, language, params, should_stop):  # type: ignore[no-untyped-def]
+    def speak(self, job):  # type: ignore[no-untyped-def]
+        text, should_stop = job.text, job.budget.should_stop
         self.asked.append(text)
         for step in range(self.steps):
             if should_stop():

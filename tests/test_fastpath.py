@@ -2,7 +2,7 @@
 cancellation inside a group, and the flags.
 
 The tiny test checkpoint's T3 stops after a handful of tokens, so these tests
-force lengths through the `_token_range` hook (as script/bench does). S3Gen is
+force lengths through the `token_range` hook (as script/bench does). S3Gen is
 full size: every streamed piece costs about a second here, so cases are few.
 """
 
@@ -17,8 +17,14 @@ import pytest
 
 from tests.test_model import checkpoint  # noqa: F401
 from tests.test_model import ENV, ROOT, SAMPLES_PER_TOKEN, SILENCE_TOKENS, audible
-from wyoming_chatterbox.engine import Piece, SamplingParams, SynthesisCancelled
-from wyoming_chatterbox.fastpath import FastPath
+from wyoming_chatterbox.settings import FastPath, ModelSettings
+from wyoming_chatterbox.speech import (
+    Budget,
+    Piece,
+    SamplingParams,
+    SpeechJob,
+    SynthesisCancelled,
+)
 
 pytestmark = pytest.mark.model
 
@@ -27,14 +33,19 @@ TEXT = "The kitchen light is on and the door is locked."
 
 
 def make_backend(folder: Path, tokens: int, **switches):  # type: ignore[no-untyped-def]
-    from wyoming_chatterbox.turbo import TurboBackend
+    from wyoming_chatterbox.chatterbox.turbo import TurboBackend
 
     class Forced(TurboBackend):
-        def _token_range(self, text: str) -> Tuple[int, int]:
+        def token_range(self, text: str) -> Tuple[int, int]:
             return tokens, tokens
 
     backend = Forced(
-        folder, ROOT / ".cache" / "unused", "cpu", fast=FastPath(**switches)
+        ModelSettings(
+            model_dir=folder,
+            data_dir=ROOT / ".cache" / "unused",
+            device="cpu",
+            fast=FastPath(**switches),
+        )
     )
     backend.load()
     return backend
@@ -47,21 +58,24 @@ def streaming(checkpoint: Path) -> Iterator:  # type: ignore[type-arg]  # noqa: 
     backend.close()
 
 
+def whole_job() -> SpeechJob:
+    """TEXT as a one-shot reply's group (the listener waits for all of it)."""
+    return SpeechJob(TEXT, "default", "en", GREEDY, whole=True)
+
+
 def speak(backend, text: str = TEXT, params: SamplingParams = GREEDY) -> List[Piece]:  # type: ignore[no-untyped-def]
-    return audible(backend.synthesize(text, "default", "en", params, lambda: False))
+    return audible(backend.speak(SpeechJob(text, "default", "en", params)))
 
 
 def test_a_one_shot_group_is_one_piece_and_one_s3gen_call(streaming) -> None:  # type: ignore[no-untyped-def]
-    everything = list(
-        streaming.synthesize_whole(TEXT, "default", "en", GREEDY, lambda: False)
-    )
+    everything = list(streaming.speak(whole_job()))
     pieces = audible(everything)
     stats = streaming.group_stats[-1]
-    assert len(pieces) == 1 and stats["pieces"] == 1
+    assert len(pieces) == 1 and stats.pieces == 1
     # The worker had its turn after the prompt and after each block of 8 of
     # T3's 70 tokens, and the audio came last.
     assert len(everything) == 1 + 9 + 1 and everything[-1] is pieces[0]
-    assert stats["s3gen_tokens"] == [70 + SILENCE_TOKENS]
+    assert stats.s3gen_tokens == [70 + SILENCE_TOKENS]
     assert len(pieces[0].audio) == SAMPLES_PER_TOKEN * (70 + SILENCE_TOKENS)
     assert pieces[0].tokens == 70
 
@@ -73,9 +87,9 @@ def test_cpu_default_is_one_piece_per_group_and_cuda_streams() -> None:
     assert fast.resolved_dtype("cuda:0") == "bfloat16"
     assert fast.uses_graphs("cuda") and not fast.uses_graphs("cpu")
     assert not FastPath(static_cache=False).uses_graphs("cuda")
-    assert fast.batch("cuda") == 16 and fast.batch("cpu") == 16
-    assert FastPath(t3_batch=1).batch("cuda") == 1
-    assert FastPath(static_cache=False).batch("cuda") == 1
+    assert fast.batch == 16  # on any device
+    assert FastPath(t3_batch=1).batch == 1
+    assert FastPath(static_cache=False).batch == 1
 
 
 def test_two_groups_share_t3_steps(checkpoint: Path) -> None:  # noqa: F811
@@ -86,8 +100,8 @@ def test_two_groups_share_t3_steps(checkpoint: Path) -> None:  # noqa: F811
     backend = make_backend(checkpoint, 40, stream_in_group=False, t3_batch=2)
     try:
         assert backend.batch_size == 2
-        first = backend.synthesize_whole(TEXT, "default", "en", GREEDY, lambda: False)
-        second = backend.synthesize_whole(TEXT, "default", "en", GREEDY, lambda: False)
+        first = backend.speak(whole_job())
+        second = backend.speak(whole_job())
         head = [next(first), next(second)]  # the prompts
         assert backend._decoder.free_slots == 0
         assert not head[0].audio.size and not head[1].audio.size
@@ -96,7 +110,7 @@ def test_two_groups_share_t3_steps(checkpoint: Path) -> None:  # noqa: F811
             assert len(group) == 1 and group[0].tokens == 40
             assert len(group[0].audio) == SAMPLES_PER_TOKEN * (40 + SILENCE_TOKENS)
         stats = list(backend.group_stats)[-2:]
-        assert [s["t3_batch"] for s in stats] == [2.0, 2.0]
+        assert [s.t3_batch for s in stats] == [2.0, 2.0]
         assert backend._decoder.free_slots == 2
     finally:
         backend.close()
@@ -105,10 +119,10 @@ def test_two_groups_share_t3_steps(checkpoint: Path) -> None:  # noqa: F811
 def test_a_group_comes_in_growing_pieces_that_add_up(streaming) -> None:  # type: ignore[no-untyped-def]
     pieces = speak(streaming)
     stats = streaming.group_stats[-1]
-    assert stats["tokens"] == 70
+    assert stats.tokens == 70
     # First audio from the first 20-some tokens (one block of 8 may overshoot),
     # then pieces twice as long: 24, then 40 more, then the rest.
-    assert 20 <= stats["s3gen_tokens"][0] < 28
+    assert 20 <= stats.s3gen_tokens[0] < 28
     assert len(pieces) >= 2
     assert sum(p.tokens for p in pieces) == 70
     audio = np.concatenate([p.audio for p in pieces])
@@ -116,8 +130,8 @@ def test_a_group_comes_in_growing_pieces_that_add_up(streaming) -> None:  # type
     assert np.abs(audio).max() <= 1.0
     assert len(audio) == SAMPLES_PER_TOKEN * (70 + SILENCE_TOKENS)
     # The first piece came long before the group was done.
-    assert stats["first_piece_s"] < 0.8 * stats["total_s"]
-    assert len(stats["watermark_s"]) >= len(pieces)
+    assert stats.first_piece_s < 0.8 * stats.total_s
+    assert len(stats.watermark_s) >= len(pieces)
 
 
 def test_each_switch_off_gives_the_same_length(checkpoint: Path) -> None:  # noqa: F811
@@ -136,7 +150,7 @@ def test_each_switch_off_gives_the_same_length(checkpoint: Path) -> None:  # noq
         assert len(pieces[0].audio) == SAMPLES_PER_TOKEN * (30 + SILENCE_TOKENS)
         assert backend._decoder is None and backend._marker is None
         assert backend.batch_size == 1  # the library's loop: one group a step
-        assert backend.group_stats[-1]["t3_batch"] == 1.0
+        assert backend.group_stats[-1].t3_batch == 1.0
     finally:
         backend.close()
 
@@ -152,7 +166,9 @@ def test_bfloat16_t3_speaks_on_the_cpu(checkpoint: Path) -> None:  # noqa: F811
 
 def test_a_stop_inside_a_group_ends_it_within_a_piece(streaming) -> None:  # type: ignore[no-untyped-def]
     stop = False
-    group = streaming.synthesize(TEXT, "default", "en", GREEDY, lambda: stop)
+    group = streaming.speak(
+        SpeechJob(TEXT, "default", "en", GREEDY, Budget(lambda: stop))
+    )
     first = next(group)
     while not first.audio.size:  # the worker's turns between T3 blocks
         first = next(group)
@@ -171,7 +187,7 @@ def test_a_stop_inside_a_group_ends_it_within_a_piece(streaming) -> None:  # typ
 def test_closing_a_half_spoken_group_frees_its_slot(streaming) -> None:  # type: ignore[no-untyped-def]
     decoder = streaming._decoder
     free = decoder.free_slots
-    group = streaming.synthesize(TEXT, "default", "en", GREEDY, lambda: False)
+    group = streaming.speak(SpeechJob(TEXT, "default", "en", GREEDY))
     next(group)
     assert decoder.free_slots == max(free - 1, 0)
     group.close()

@@ -10,26 +10,27 @@ from wyoming.tts import Synthesize
 
 from tests.fakes import FakeBackend, fake_bytes
 from tests.wyoming_client import connect, free_port
-from wyoming_chatterbox.__main__ import run_server
-from wyoming_chatterbox.engine import EngineDied, EngineWorker
-from wyoming_chatterbox.handler import ServerSettings
+from wyoming_chatterbox.engine import EngineWorker
+from wyoming_chatterbox.server import run_server
+from wyoming_chatterbox.settings import Settings
+from wyoming_chatterbox.speech import EngineDied
 
 
-def settings() -> ServerSettings:
-    return ServerSettings(default_voice="default", loudness=None, clean_text=False)
+def settings() -> Settings:
+    return Settings.of(default_voice="default", loudness=None, clean_text=False)
 
 
 class OutOfMemory(FakeBackend):
     """Runs out of GPU memory on texts with 'huge' in them, as CUDA would."""
 
-    def synthesize(self, text, voice, language, params, should_stop):  # type: ignore[no-untyped-def]
+    def speak(self, job):  # type: ignore[no-untyped-def]
         import torch
 
-        if "huge" in text:
+        if "huge" in job.text:
             raise torch.cuda.OutOfMemoryError(
                 "CUDA out of memory. Tried to allocate 2.00 GiB"
             )
-        yield from super().synthesize(text, voice, language, params, should_stop)
+        yield from super().speak(job)
 
 
 async def test_out_of_memory_fails_one_reply_and_the_server_goes_on(
@@ -77,8 +78,7 @@ async def test_a_dead_worker_ends_the_server_instead_of_hanging(
     task = asyncio.create_task(
         run_server(
             backend,
-            settings(),
-            f"tcp://127.0.0.1:{port}",
+            settings().replace(server={"uri": f"tcp://127.0.0.1:{port}"}),
             on_ready=on_ready,
             stop_signal=never.wait,
         )

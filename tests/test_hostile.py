@@ -35,18 +35,17 @@ from wyoming.tts import (
 
 from tests.fakes import FakeBackend, FakeClipBackend, fake_bytes, write_clip
 from tests.wyoming_client import connect
-from wyoming_chatterbox.handler import ServerSettings
-from wyoming_chatterbox.limits import (
-    DEFAULT_MAX_TEXT_CHARS,
+from wyoming_chatterbox.reply import TextTooLong
+from wyoming_chatterbox.sentences import split_groups
+from wyoming_chatterbox.settings import DEFAULT_MAX_TEXT_CHARS, ModelSettings, Settings
+from wyoming_chatterbox.wire import (
     MAX_DATA_BYTES,
     MAX_HEADER_BYTES,
     MAX_PAYLOAD_BYTES,
     MAX_REPLIES_PER_CONNECTION,
     ProtocolViolation,
-    TextTooLong,
     read_event_capped,
 )
-from wyoming_chatterbox.sentences import split_groups
 
 CAP = DEFAULT_MAX_TEXT_CHARS
 GOOD_TEXT = "The other client is fine. It hears every word of its reply."
@@ -461,8 +460,10 @@ async def test_voice_names_cannot_reach_clips_outside_the_voices_folder(
     voices.mkdir()
     write_clip(voices / "alice.wav")
     write_clip(tmp_path / "secret.wav")
-    backend = FakeClipBackend(None, tmp_path / "data", "cpu", voices)
-    settings = ServerSettings(default_voice="default", loudness=None)
+    backend = FakeClipBackend(
+        ModelSettings(data_dir=tmp_path / "data", device="cpu", voices_dir=voices)
+    )
+    settings = Settings.of(default_voice="default", loudness=None)
     async with serve_backend(backend, settings) as server:
         for name in ["../secret", "alice/../../secret", str(tmp_path / "secret")]:
             request = Synthesize(text="Hello.", voice=SynthesizeVoice(name=name))
@@ -514,8 +515,8 @@ async def test_audio_sent_by_a_client_is_ignored(serve) -> None:
     assert len(reply.audio) == fake_bytes(GOOD_TEXT)
 
 
-def idle_settings(seconds: float) -> ServerSettings:
-    return ServerSettings(
+def idle_settings(seconds: float) -> Settings:
+    return Settings.of(
         default_voice="default", loudness=None, clean_text=False, idle_timeout=seconds
     )
 
@@ -580,10 +581,12 @@ async def test_a_client_that_stops_reading_is_dropped(serve_backend) -> None:
         writer.write(encode(Synthesize(text=text).event()))
         await writer.drain()
         await asyncio.sleep(1.5)  # not reading: the server's writes stall
-        events, reset = await read_until_closed(reader)
+        # Closed (cut inside an event, or at an event's end when the socket's
+        # buffers happen to end there) before the reply's end.
+        events, _ = await read_until_closed(reader)
         writer.close()
         audio = sum(len(e.payload or b"") for e in events)
-        assert reset and "audio-stop" not in [e.type for e in events]
+        assert "audio-stop" not in [e.type for e in events]
         assert audio < fake_bytes(text)
         async with connect(server.port) as client:  # and the engine is free
             await client.send(Synthesize(text=GOOD_TEXT).event())
@@ -658,7 +661,7 @@ async def test_end_of_input_inside_an_event_is_the_end() -> None:
 
 def test_text_too_long_says_both_numbers() -> None:
     err = TextTooLong(20_001, 20_000)
-    assert err.code == "text-too-long" and isinstance(err, ProtocolViolation)
+    assert err.code == "text-too-long"
     assert "20001" in str(err) and "20000" in str(err)
 
 
@@ -787,7 +790,7 @@ async def test_fuzzed_input_never_hurts_the_server(serve, caplog) -> None:
 async def test_connections_beyond_the_limit_are_turned_away_clearly(
     serve_backend,
 ) -> None:
-    settings = ServerSettings(
+    settings = Settings.of(
         default_voice="default", loudness=None, clean_text=False, max_connections=2
     )
     async with serve_backend(FakeBackend(delay=0.3), settings) as server:

@@ -19,16 +19,16 @@ from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, Synthesize
 
 from tests.fakes import FakeBackend, FakeClipBackend, fake_bytes
 from tests.wyoming_client import connect, free_port
-from wyoming_chatterbox.__main__ import run_server
-from wyoming_chatterbox.handler import ServerSettings
+from wyoming_chatterbox.server import run_server
+from wyoming_chatterbox.settings import ModelSettings, Settings
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def settings(**kwargs) -> ServerSettings:  # type: ignore[no-untyped-def]
+def settings(**kwargs) -> Settings:  # type: ignore[no-untyped-def]
     base = dict(default_voice="default", loudness=None, clean_text=False)
     base.update(kwargs)
-    return ServerSettings(**base)  # type: ignore[arg-type]
+    return Settings.of(**base)  # type: ignore[arg-type]
 
 
 async def wait_until(condition, timeout: float = 5.0) -> None:  # type: ignore[no-untyped-def]
@@ -41,7 +41,7 @@ async def wait_until(condition, timeout: float = 5.0) -> None:  # type: ignore[n
 async def test_warm_up_speaks_once_before_listening(
     serve_backend, tmp_path: Path
 ) -> None:
-    backend = FakeClipBackend(None, tmp_path, "cpu", None)
+    backend = FakeClipBackend(ModelSettings(data_dir=tmp_path, device="cpu"))
     async with serve_backend(backend, settings(warm_up=True)):
         assert len(backend.spoken) == 1  # before the server was ready
         text, conds, language = backend.spoken[0]
@@ -120,8 +120,7 @@ async def start_server(backend: FakeBackend, grace: float):  # type: ignore[no-u
     task = asyncio.create_task(
         run_server(
             backend,
-            settings(shutdown_grace=grace),
-            f"tcp://127.0.0.1:{port}",
+            settings(shutdown_grace=grace, uri=f"tcp://127.0.0.1:{port}"),
             on_ready=on_ready,
             stop_signal=stopper.wait,
         )

@@ -10,7 +10,7 @@ import asyncio
 import statistics
 import time
 import zlib
-from typing import Callable, Iterator, List
+from typing import Iterator, List
 
 import numpy as np
 from wyoming.info import Describe, Info
@@ -19,8 +19,8 @@ from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, Synthesize
 from tests.fakes import SAMPLES_PER_CHAR, FakeBackend
 from tests.wyoming_client import connect
 from wyoming_chatterbox.audio import float_to_pcm16
-from wyoming_chatterbox.engine import Piece, SamplingParams
 from wyoming_chatterbox.sentences import split_groups
+from wyoming_chatterbox.speech import Piece, SpeechJob
 
 CLIENTS = 32
 REPLIES_PER_CLIENT = 3
@@ -48,16 +48,9 @@ def expected_pcm(text: str) -> bytes:
 class EchoBackend(FakeBackend):
     """Speaks each word of a group as a constant level that identifies it."""
 
-    def synthesize(
-        self,
-        text: str,
-        voice: str,
-        language: str,
-        params: SamplingParams,
-        should_stop: Callable[[], bool],
-    ) -> Iterator[Piece]:
-        for _ in super().synthesize(text, voice, language, params, should_stop):
-            yield Piece(audio=spoken(text), tokens=len(text))
+    def speak(self, job: SpeechJob) -> Iterator[Piece]:
+        for _ in super().speak(job):
+            yield Piece(audio=spoken(job.text), tokens=len(job.text))
 
 
 def reply_text(client: int, reply: int) -> str:
@@ -85,10 +78,10 @@ async def one_client(port: int, index: int, failures: List[str]) -> None:
 
 
 async def test_32_clients_get_their_own_complete_replies(serve_backend) -> None:
-    from wyoming_chatterbox.handler import ServerSettings
+    from wyoming_chatterbox.settings import Settings
 
     backend = EchoBackend(delay=0.002)
-    settings = ServerSettings(default_voice="default", loudness=None, clean_text=False)
+    settings = Settings.of(default_voice="default", loudness=None, clean_text=False)
     latencies: List[float] = []
     failures: List[str] = []
     async with serve_backend(backend, settings) as server:

@@ -30,8 +30,15 @@ from wyoming.tts import (
 
 from tests.fakes import write_clip
 from tests.wyoming_client import connect, free_port
-from wyoming_chatterbox.engine import Piece, SamplingParams, SynthesisCancelled
 from wyoming_chatterbox.sentences import split_groups
+from wyoming_chatterbox.settings import ModelSettings
+from wyoming_chatterbox.speech import (
+    Budget,
+    Piece,
+    SamplingParams,
+    SpeechJob,
+    SynthesisCancelled,
+)
 
 pytestmark = pytest.mark.model
 
@@ -69,9 +76,13 @@ def first_audio(pieces: Iterable[Piece]) -> Piece:
 
 @pytest.fixture(scope="module")
 def backend(checkpoint: Path) -> Iterator:  # type: ignore[type-arg]
-    from wyoming_chatterbox.turbo import TurboBackend
+    from wyoming_chatterbox.chatterbox.turbo import TurboBackend
 
-    backend = TurboBackend(checkpoint, ROOT / ".cache" / "unused", "cpu")
+    backend = TurboBackend(
+        ModelSettings(
+            model_dir=checkpoint, data_dir=ROOT / ".cache" / "unused", device="cpu"
+        )
+    )
     backend.load()
     yield backend
     backend.close()
@@ -80,7 +91,7 @@ def backend(checkpoint: Path) -> Iterator:  # type: ignore[type-arg]
 def test_backend_audio_matches_generated_tokens(backend) -> None:  # type: ignore[no-untyped-def]
     for text in ["Hello there.", "The kitchen light is on, and it is 21 degrees."]:
         pieces = audible(
-            backend.synthesize(text, "default", "en", SamplingParams(), lambda: False)
+            backend.speak(SpeechJob(text, "default", "en", SamplingParams()))
         )
         assert len(pieces) == 1
         piece = pieces[0]
@@ -99,8 +110,10 @@ def test_backend_stops_within_tokens_when_asked(backend) -> None:  # type: ignor
 
     with pytest.raises(SynthesisCancelled):
         list(
-            backend.synthesize(
-                "Stop me.", "default", "en", SamplingParams(), should_stop
+            backend.speak(
+                SpeechJob(
+                    "Stop me.", "default", "en", SamplingParams(), Budget(should_stop)
+                )
             )
         )
     assert len(checks) == 2
@@ -108,21 +121,14 @@ def test_backend_stops_within_tokens_when_asked(backend) -> None:  # type: ignor
 
 def test_backend_does_not_speak_empty_text(backend) -> None:  # type: ignore[no-untyped-def]
     # Upstream's punc_norm would say "You need to add some text for me to talk."
-    assert (
-        list(backend.synthesize("  ", "default", "en", SamplingParams(), lambda: False))
-        == []
-    )
+    assert list(backend.speak(SpeechJob("  ", "default", "en", SamplingParams()))) == []
 
 
 def test_builtin_voice_is_not_shared_state(backend) -> None:  # type: ignore[no-untyped-def]
-    assert backend._model.conds is None  # calls pass their voice's conditionals
-    gen = backend._conds["default"][1].gen
+    assert backend.model.conds is None  # calls pass their voice's conditionals
+    gen = backend.conds["default"][1].gen
     before = {k: (v.dtype, v.clone()) for k, v in gen.items() if hasattr(v, "dtype")}
-    list(
-        backend.synthesize(
-            "Once more.", "default", "en", SamplingParams(), lambda: False
-        )
-    )
+    list(backend.speak(SpeechJob("Once more.", "default", "en", SamplingParams())))
     for key, (dtype, value) in before.items():
         assert gen[key].dtype == dtype, key  # S3Gen's in-place casts hit a copy
         assert bool((gen[key] == value).all()), key
@@ -131,7 +137,7 @@ def test_builtin_voice_is_not_shared_state(backend) -> None:  # type: ignore[no-
 @pytest.fixture(scope="module")
 def clip_backend(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator:  # type: ignore[type-arg]
     """The real model with a voices folder: one good clip, one silent, one short."""
-    from wyoming_chatterbox.turbo import TurboBackend
+    from wyoming_chatterbox.chatterbox.turbo import TurboBackend
 
     root = tmp_path_factory.mktemp("clips")
     voices_dir = root / "voices"
@@ -139,7 +145,14 @@ def clip_backend(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> 
     write_clip(voices_dir / "alice.wav", seconds=6.0)
     write_clip(voices_dir / "quiet.wav", seconds=6.0, peak=0.0)
     write_clip(voices_dir / "short.wav", seconds=4.0)
-    backend = TurboBackend(checkpoint, root / "data", "cpu", voices_dir)
+    backend = TurboBackend(
+        ModelSettings(
+            model_dir=checkpoint,
+            data_dir=root / "data",
+            device="cpu",
+            voices_dir=voices_dir,
+        )
+    )
     backend.load()
     yield backend
     backend.close()
@@ -148,29 +161,34 @@ def clip_backend(checkpoint: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def test_clip_voice_is_prepared_cached_and_spoken(
     clip_backend, checkpoint: Path, caplog: pytest.LogCaptureFixture
 ) -> None:  # type: ignore[no-untyped-def]
-    from wyoming_chatterbox.turbo import TurboBackend
+    from wyoming_chatterbox.chatterbox.turbo import TurboBackend
 
     assert [v.name for v in clip_backend.voices()] == ["default", "alice"]
-    alice = clip_backend._conds["alice"][1]
-    builtin = clip_backend._conds["default"][1]
+    alice = clip_backend.conds["alice"][1]
+    builtin = clip_backend.conds["default"][1]
     assert not bool((alice.t3.speaker_emb == builtin.t3.speaker_emb).all())
     piece = first_audio(
-        clip_backend.synthesize(
-            "Hello from Alice.", "alice", "en", SamplingParams(), lambda: False
+        clip_backend.speak(
+            SpeechJob("Hello from Alice.", "alice", "en", SamplingParams())
         )
     )
     assert len(piece.audio) == SAMPLES_PER_TOKEN * (piece.tokens + SILENCE_TOKENS)
 
-    cache = list((clip_backend._data_dir / "voices").glob("turbo-*/*.pt"))
+    cache = list((clip_backend.settings.data_dir / "voices").glob("turbo-*/*.pt"))
     assert len(cache) == 1
     again = TurboBackend(
-        checkpoint, clip_backend._data_dir, "cpu", clip_backend._library.directory
+        ModelSettings(
+            model_dir=checkpoint,
+            data_dir=clip_backend.settings.data_dir,
+            device="cpu",
+            voices_dir=clip_backend.settings.voices_dir,
+        )
     )
     with caplog.at_level(logging.INFO):
         again.load()
     try:
         assert "Prepared voice" not in caplog.text  # read from the cache
-        cached = again._conds["alice"][1]
+        cached = again.conds["alice"][1]
         assert bool((cached.t3.speaker_emb == alice.t3.speaker_emb).all())
         assert bool(
             (
@@ -187,18 +205,16 @@ def test_runaway_generation_stops_at_the_text_budget(
 ) -> None:  # type: ignore[no-untyped-def]
     import torch
 
-    from wyoming_chatterbox.backend import speech_token_budget
+    from wyoming_chatterbox.chatterbox.base import speech_token_budget
 
-    head = clip_backend._model.t3.speech_head
-    stop = clip_backend._model.t3.hp.stop_speech_token
+    head = clip_backend.model.t3.speech_head
+    stop = clip_backend.model.t3.hp.stop_speech_token
     saved = head.bias.data[stop].item()
     head.bias.data[stop] = -1e9  # a model that never stops talking
     try:
         with caplog.at_level(logging.WARNING), torch.inference_mode():
             pieces = list(
-                clip_backend.synthesize(
-                    "Hi.", "default", "en", SamplingParams(), lambda: False
-                )
+                clip_backend.speak(SpeechJob("Hi.", "default", "en", SamplingParams()))
             )
     finally:
         head.bias.data[stop] = saved
@@ -383,15 +399,13 @@ def test_bad_options_are_refused() -> None:
 def test_unload_and_reload_keeps_the_voices(clip_backend, caplog) -> None:  # type: ignore[no-untyped-def]
     # What --idle-unload does to the real backend: close(), later load() again.
     clip_backend.close()
-    assert clip_backend._model is None and clip_backend._conds == {}
+    assert clip_backend.model is None and clip_backend.conds == {}
     assert [v.name for v in clip_backend.voices()] == ["default", "alice"]
     with caplog.at_level(logging.INFO):
         clip_backend.load()
     assert "Prepared voice" not in caplog.text  # the clip came from the disk cache
     piece = first_audio(
-        clip_backend.synthesize(
-            "Back again.", "alice", "en", SamplingParams(), lambda: False
-        )
+        clip_backend.speak(SpeechJob("Back again.", "alice", "en", SamplingParams()))
     )
     assert len(piece.audio) == SAMPLES_PER_TOKEN * (piece.tokens + SILENCE_TOKENS)
 

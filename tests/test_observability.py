@@ -14,9 +14,9 @@ from wyoming.tts import Synthesize, SynthesizeVoice
 
 from tests.fakes import FakeBackend, fake_samples
 from tests.wyoming_client import connect, free_port
-from wyoming_chatterbox.__main__ import run_server
-from wyoming_chatterbox.handler import ServerSettings
 from wyoming_chatterbox.metrics import Metrics
+from wyoming_chatterbox.server import run_server
+from wyoming_chatterbox.settings import Settings
 
 P = "wyoming_chatterbox"
 
@@ -35,12 +35,17 @@ async def metered_server(
     task = asyncio.create_task(
         run_server(
             backend,
-            ServerSettings(default_voice="default", loudness=None, clean_text=False),
-            f"tcp://127.0.0.1:{port}",
+            Settings.of(
+                default_voice="default",
+                loudness=None,
+                clean_text=False,
+                uri=f"tcp://127.0.0.1:{port}",
+                metrics_host="127.0.0.1",
+                metrics_port=metrics_port,
+            ),
             on_ready=on_ready,
             stop_signal=stop.wait,
             metrics=Metrics(),
-            metrics_address=("127.0.0.1", metrics_port),
         )
     )
     await asyncio.wait_for(ready.wait(), 10)
@@ -124,8 +129,11 @@ async def test_metrics_port_in_use_is_a_clear_startup_error() -> None:
         with pytest.raises(OSError, match="already in use"):
             await run_server(
                 FakeBackend(),
-                ServerSettings(default_voice="default"),
-                f"tcp://127.0.0.1:{free_port()}",
+                Settings.of(
+                    default_voice="default",
+                    uri=f"tcp://127.0.0.1:{free_port()}",
+                    metrics_host="127.0.0.1",
+                    metrics_port=port,
+                ),
                 metrics=Metrics(),
-                metrics_address=("127.0.0.1", port),
             )

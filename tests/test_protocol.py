@@ -20,10 +20,10 @@ from wyoming.tts import (
 from tests.fakes import FakeBackend, fake_bytes
 from tests.wyoming_client import Client, audio_format, connect, free_port
 from wyoming_chatterbox import __version__
-from wyoming_chatterbox.__main__ import run_server
-from wyoming_chatterbox.handler import ServerSettings
 from wyoming_chatterbox.health_check import check
 from wyoming_chatterbox.sentences import split_groups
+from wyoming_chatterbox.server import run_server
+from wyoming_chatterbox.settings import Settings
 
 FIVE_SENTENCES = (
     "Good morning, Mr. Smith. The kitchen light is on and the temperature is 21.5 "
@@ -318,9 +318,13 @@ async def test_unix_socket(tmp_path) -> None:  # type: ignore[no-untyped-def]
     async def on_ready() -> None:
         ready.set()
 
-    settings = ServerSettings(default_voice="default")
+    settings = Settings.of(default_voice="default")
     task = asyncio.create_task(
-        run_server(FakeBackend(), settings, f"unix://{path}", on_ready=on_ready)
+        run_server(
+            FakeBackend(),
+            settings.replace(server={"uri": f"unix://{path}"}),
+            on_ready=on_ready,
+        )
     )
     try:
         await asyncio.wait_for(ready.wait(), 5)

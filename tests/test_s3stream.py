@@ -16,14 +16,14 @@ import pytest
 import torch
 
 from tests.test_model import checkpoint  # noqa: F401
-from wyoming_chatterbox.s3stream import (
+from wyoming_chatterbox.chatterbox.base import SAMPLES_PER_TOKEN
+from wyoming_chatterbox.chatterbox.s3stream import (
     S3GEN_SIL,
-    TOKEN_SAMPLES,
     S3GenStreamer,
-    StreamWatermarker,
     _cast_ref,
     flow_mel,
 )
+from wyoming_chatterbox.chatterbox.watermark import StreamWatermarker
 
 pytestmark = pytest.mark.model
 
@@ -36,7 +36,7 @@ CLIP = (
 
 @pytest.fixture(scope="module")
 def model(checkpoint: Path) -> Any:  # noqa: F811
-    from wyoming_chatterbox.turbo import load_turbo_model
+    from wyoming_chatterbox.chatterbox.turbo import load_turbo_model
 
     return load_turbo_model(checkpoint, "cpu")
 
@@ -113,7 +113,7 @@ def snr(reference: np.ndarray, audio: np.ndarray) -> float:
 
 def check_format(audio: np.ndarray, n_tokens: int) -> None:
     assert audio.dtype == np.float32
-    assert len(audio) == TOKEN_SAMPLES * (n_tokens + 3)
+    assert len(audio) == SAMPLES_PER_TOKEN * (n_tokens + 3)
     assert np.isfinite(audio).all()
     assert np.abs(audio).max() <= 1.0
 

@@ -22,7 +22,7 @@ from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, Synthesize
 
 from tests.fakes import FakeBackend, fake_bytes
 from tests.wyoming_client import connect
-from wyoming_chatterbox.handler import ServerSettings
+from wyoming_chatterbox.settings import Settings
 
 LONG = int(os.environ.get("SOAK_REQUESTS", "2000"))
 PARALLEL = 8
@@ -86,7 +86,7 @@ async def soak(  # type: ignore[no-untyped-def]
     monkeypatch.setattr(tempfile, "tempdir", str(private_tmp))
     rng = random.Random(1)
     backend = FakeBackend(delay=0.002)
-    settings = ServerSettings(default_voice="default", loudness=None, clean_text=False)
+    settings = Settings.of(default_voice="default", loudness=None, clean_text=False)
     threads_before = our_threads()
     async with serve_backend(backend, settings) as server:
         tasks_idle = len(asyncio.all_tasks())

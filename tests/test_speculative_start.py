@@ -15,18 +15,19 @@ from wyoming.tts import SynthesizeChunk, SynthesizeStart, SynthesizeStop
 from tests.fakes import FakeBackend, fake_bytes
 from tests.wyoming_client import connect
 from wyoming_chatterbox.audio import float_to_pcm16
-from wyoming_chatterbox.engine import EngineWorker, SamplingParams
-from wyoming_chatterbox.handler import ServerSettings
+from wyoming_chatterbox.engine import EngineWorker
 from wyoming_chatterbox.sentences import IncrementalSplitter
+from wyoming_chatterbox.settings import EngineSettings, Settings
+from wyoming_chatterbox.speech import SamplingParams
 
 PARAMS = SamplingParams()
 RATE = 24000
 
 
-def settings(**changes) -> ServerSettings:  # type: ignore[no-untyped-def]
+def settings(**changes) -> Settings:  # type: ignore[no-untyped-def]
     base = dict(default_voice="default", loudness=None, clean_text=False)
     base.update(changes)
-    return ServerSettings(**base)  # type: ignore[arg-type]
+    return Settings.of(**base)  # type: ignore[arg-type]
 
 
 # --- the splitter's guess ---------------------------------------------------
@@ -78,7 +79,9 @@ def test_a_right_guess_is_the_first_group() -> None:
 
 async def test_a_following_stream_waits_and_carries_on() -> None:
     backend = FakeBackend(delay=0.2)
-    worker = EngineWorker(backend, sentence_silence=0.25, target_lufs=-16.0)
+    worker = EngineWorker(
+        backend, EngineSettings(sentence_silence=0.25, loudness=-16.0)
+    )
     await worker.start()
     try:
         first = worker.open_stream("default", PARAMS)
@@ -97,7 +100,7 @@ async def test_a_following_stream_waits_and_carries_on() -> None:
         # The pause between groups is there, and the reply's one gain is kept.
         assert len(first_audio) == 1
         assert rest_audio[0].size == int(0.25 * RATE)
-        assert rest._loudness is first._loudness is not None
+        assert rest._state.loudness is first._state.loudness is not None
     finally:
         await worker.stop()
 

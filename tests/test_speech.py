@@ -29,9 +29,9 @@ from tests.fakes import (
     write_clip,
 )
 from tests.wyoming_client import Client, connect
-from wyoming_chatterbox.engine import SamplingParams
-from wyoming_chatterbox.handler import ServerSettings
 from wyoming_chatterbox.sentences import split_groups
+from wyoming_chatterbox.settings import ModelSettings, Settings
+from wyoming_chatterbox.speech import Piece, SamplingParams
 
 RATE = 24000
 
@@ -47,10 +47,11 @@ def voice_names(info: Info) -> List[str]:
     return [voice.name for voice in info.tts[0].voices]
 
 
-def settings(**kwargs) -> ServerSettings:  # type: ignore[no-untyped-def]
-    base = dict(default_voice="default", loudness=None, clean_text=False)
+def settings(**kwargs) -> Settings:  # type: ignore[no-untyped-def]
+    # No warm-up (as the old ServerSettings' default): tests count what is spoken.
+    base = dict(default_voice="default", loudness=None, clean_text=False, warm_up=False)
     base.update(kwargs)
-    return ServerSettings(**base)  # type: ignore[arg-type]
+    return Settings.of(**base)  # type: ignore[arg-type]
 
 
 async def test_clips_are_voices_and_new_ones_appear_without_restart(
@@ -60,7 +61,9 @@ async def test_clips_are_voices_and_new_ones_appear_without_restart(
     voices_dir.mkdir()
     write_clip(voices_dir / "Alice.wav")
     (voices_dir / "alice.json").write_text('{"description": "Alice, calm"}')
-    backend = FakeClipBackend(None, tmp_path / "data", "cpu", voices_dir)
+    backend = FakeClipBackend(
+        ModelSettings(data_dir=tmp_path / "data", device="cpu", voices_dir=voices_dir)
+    )
     async with serve_backend(backend, settings()) as server, connect(
         server.port
     ) as client:
@@ -92,7 +95,9 @@ async def test_unknown_voice_error_names_the_voices(
     voices_dir = tmp_path / "voices"
     voices_dir.mkdir()
     write_clip(voices_dir / "alice.wav")
-    backend = FakeClipBackend(None, tmp_path / "data", "cpu", voices_dir)
+    backend = FakeClipBackend(
+        ModelSettings(data_dir=tmp_path / "data", device="cpu", voices_dir=voices_dir)
+    )
     async with serve_backend(backend, settings()) as server, connect(
         server.port
     ) as client:
@@ -115,7 +120,9 @@ async def test_per_language_voices_and_language_in_request(
     voices_dir = tmp_path / "voices"
     voices_dir.mkdir()
     write_clip(voices_dir / "alice.wav")
-    backend = FakeMultilingualBackend(None, tmp_path / "data", "cpu", voices_dir)
+    backend = FakeMultilingualBackend(
+        ModelSettings(data_dir=tmp_path / "data", device="cpu", voices_dir=voices_dir)
+    )
     async with serve_backend(
         backend, settings(default_voice="default@de")
     ) as server, connect(server.port) as client:
@@ -149,14 +156,15 @@ async def test_voice_settings_reach_the_model(serve_backend, tmp_path: Path) -> 
     seen: List[SamplingParams] = []
 
     class Recording(FakeClipBackend):
-        def _speak(self, text, conds, language, params, should_stop, max_tokens):  # type: ignore[no-untyped-def]
-            seen.append(params)
-            return super()._speak(
-                text, conds, language, params, should_stop, max_tokens
-            )
+        def _speak(self, job, conds, stats):  # type: ignore[no-untyped-def]
+            seen.append(job.params)
+            return super()._speak(job, conds, stats)
 
-    backend = Recording(None, tmp_path / "data", "cpu", voices_dir)
-    server_params = SamplingParams(temperature=0.9, top_p=0.5)
+    backend = Recording(
+        ModelSettings(data_dir=tmp_path / "data", device="cpu", voices_dir=voices_dir)
+    )
+    # The command line's settings, over the model's defaults.
+    server_params = {"temperature": 0.9, "top_p": 0.5}
     async with serve_backend(
         backend, settings(params=server_params)
     ) as server, connect(server.port) as client:
@@ -226,11 +234,13 @@ async def test_replies_come_at_the_target_loudness(
     class Quiet(FakeClipBackend):
         calls = 0
 
-        def _speak(self, text, conds, language, params, should_stop, max_tokens):  # type: ignore[no-untyped-def]
+        def _speak(self, job, conds, stats):  # type: ignore[no-untyped-def]
             Quiet.calls += 1
-            return speech_like(1.0 + 0.5 * Quiet.calls, -27.0, Quiet.calls), 25, False
+            stats.tokens = 25
+            audio = speech_like(1.0 + 0.5 * Quiet.calls, -27.0, Quiet.calls)
+            yield Piece(audio=audio, tokens=25)
 
-    backend = Quiet(None, tmp_path / "data", "cpu", None)
+    backend = Quiet(ModelSettings(data_dir=tmp_path / "data", device="cpu"))
     text = "One sentence here. Then another one. And a third one to finish."
     async with serve_backend(backend, settings(loudness=target)) as server, connect(
         server.port
@@ -245,10 +255,11 @@ async def test_replies_come_at_the_target_loudness(
 
 async def test_loudness_off_leaves_audio_alone(serve_backend, tmp_path: Path) -> None:
     class Quiet(FakeClipBackend):
-        def _speak(self, text, conds, language, params, should_stop, max_tokens):  # type: ignore[no-untyped-def]
-            return speech_like(2.0, -27.0), 25, False
+        def _speak(self, job, conds, stats):  # type: ignore[no-untyped-def]
+            stats.tokens = 25
+            yield Piece(audio=speech_like(2.0, -27.0), tokens=25)
 
-    backend = Quiet(None, tmp_path / "data", "cpu", None)
+    backend = Quiet(ModelSettings(data_dir=tmp_path / "data", device="cpu"))
     async with serve_backend(backend, settings(loudness=None)) as server, connect(
         server.port
     ) as client:

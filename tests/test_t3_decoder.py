@@ -16,8 +16,11 @@ import pytest
 import torch
 
 from tests.test_model import checkpoint  # noqa: F401
-from wyoming_chatterbox.engine import SamplingParams, SynthesisCancelled
-from wyoming_chatterbox.t3_decoder import T3Decoder, _param_values, draw, sampler_scores
+from wyoming_chatterbox.chatterbox.sampling import TURBO_ORDER, logits_processors
+from wyoming_chatterbox.chatterbox.t3_decoder import T3Decoder
+from wyoming_chatterbox.chatterbox.t3_sampler import draw, param_values, sampler_scores
+from wyoming_chatterbox.chatterbox.t3_step import T3Step
+from wyoming_chatterbox.speech import Budget, SamplingParams, SynthesisCancelled
 
 pytestmark = pytest.mark.model
 
@@ -38,7 +41,7 @@ def one_thread() -> Iterator[None]:
 
 @pytest.fixture(scope="module")
 def model(checkpoint: Path) -> Any:  # noqa: F811
-    from wyoming_chatterbox.turbo import load_turbo_model
+    from wyoming_chatterbox.chatterbox.turbo import load_turbo_model
 
     return load_turbo_model(checkpoint, "cpu")
 
@@ -72,10 +75,6 @@ def _text(model: Any, text: str = TEXT) -> torch.Tensor:
 
 def _tokens(generation: Iterable[List[int]]) -> List[int]:
     return [token for block in generation for token in block]
-
-
-def _never() -> bool:
-    return False
 
 
 # ---------------------------------------------------------------- forward
@@ -114,24 +113,25 @@ def test_forward_matches_hf_transformer(model: Any, rand_t3: Any, dec: Any) -> N
 
 
 def test_greedy_tokens_match_reference_loop(model: Any, rand_t3: Any, dec: Any) -> None:
-    """top_k=1: the same tokens as turbo._EagerGeneration (the library's loop),
-    stop held back and cut included."""
-    from wyoming_chatterbox.turbo import _EagerGeneration
+    """top_k=1: the same tokens as library_loop.LibraryGeneration (the
+    library's loop), stop held back and cut included."""
+    from wyoming_chatterbox.chatterbox.library_loop import LibraryGeneration
 
     text = _text(model)
     for params, min_tokens in [(GREEDY, 0), (SamplingParams(top_k=1, top_p=0.5), 5)]:
-        reference = _EagerGeneration(
+        reference = LibraryGeneration(
             rand_t3,
             dataclasses.replace(model.conds.t3),
             text,
             params,
-            _never,
-            min_tokens=min_tokens,
-            max_tokens=30,
+            Budget(min_tokens=min_tokens, max_tokens=30),
         )
         expected = _tokens(reference)
         ours = dec.generate(
-            dec.prefix(model.conds.t3), text, params, _never, min_tokens, 30
+            dec.prefix(model.conds.t3),
+            text,
+            params,
+            Budget(min_tokens=min_tokens, max_tokens=30),
         )
         assert _tokens(ours) == expected
         assert (ours.cut, ours.n_tokens) == (reference.cut, reference.n_tokens)
@@ -147,11 +147,13 @@ def test_prefix_reuse_is_reproducible(model: Any, dec: Any) -> None:
     for fresh in [False, False, True]:
         torch.manual_seed(7)
         use = dec.prefix(cond) if fresh else prefix
-        runs.append(_tokens(dec.generate(use, text, SamplingParams(), _never, 0, 40)))
+        runs.append(
+            _tokens(dec.generate(use, text, SamplingParams(), Budget(max_tokens=40)))
+        )
     assert runs[0] == runs[1] == runs[2]
     assert len(runs[0]) == 40  # the random head almost never picks the stop token
     torch.manual_seed(8)
-    other = _tokens(dec.generate(prefix, text, SamplingParams(), _never, 0, 40))
+    other = _tokens(dec.generate(prefix, text, SamplingParams(), Budget(max_tokens=40)))
     assert other != runs[0]  # the seed matters: this is sampling
     assert torch.equal(prefix.kv, kept)
     assert (cond.cond_prompt_speech_emb is not None) == had_embedding
@@ -164,31 +166,17 @@ def _hf_scores(
     logits: torch.Tensor, history: torch.Tensor, params: SamplingParams
 ) -> torch.Tensor:
     """The processors as the reference loop builds them."""
-    from transformers.generation.logits_process import (
-        LogitsProcessorList,
-        RepetitionPenaltyLogitsProcessor,
-        TemperatureLogitsWarper,
-        TopKLogitsWarper,
-        TopPLogitsWarper,
-    )
-
-    processors = LogitsProcessorList()
-    if params.temperature > 0 and params.temperature != 1.0:
-        processors.append(TemperatureLogitsWarper(params.temperature))
-    if params.top_k > 0:
-        processors.append(TopKLogitsWarper(params.top_k))
-    if params.top_p < 1.0:
-        processors.append(TopPLogitsWarper(params.top_p))
-    if params.repetition_penalty != 1.0:
-        processors.append(RepetitionPenaltyLogitsProcessor(params.repetition_penalty))
-    return processors(history, logits.clone())  # type: ignore[arg-type]
+    scores = logits.clone()
+    for processor in logits_processors(params, TURBO_ORDER):
+        scores = processor(history, scores)
+    return scores
 
 
 def _our_scores(
     logits: torch.Tensor, history: torch.Tensor, params: SamplingParams
 ) -> torch.Tensor:
     vocab = logits.size(-1)
-    temperature, kth, top_p_cut, penalty = _param_values(params, vocab)
+    temperature, kth, top_p_cut, penalty = param_values(params, vocab)
     seen = torch.zeros((1, vocab), dtype=torch.bool)
     seen[0, history[0]] = True
     return sampler_scores(
@@ -242,7 +230,7 @@ def test_penalty_sees_start_token_first_then_generated(dec: Any) -> None:
     with torch.inference_mode():
         row = dec._acquire()
         try:
-            pool = dec._pool
+            pool = dec.pool
             pool.logits[row].zero_()
             pool.logits[row, 100] = 50.0
             pool.temperature[row] = 1.0
@@ -255,24 +243,24 @@ def test_penalty_sees_start_token_first_then_generated(dec: Any) -> None:
             pool.seen[row, dec.start_token] = True
             pool.active[row] = True
             idx = torch.tensor([row])
-            dec._sample(pool, idx)
+            dec.step._sample(pool, idx)
             assert pool.seen[row].nonzero()[:, 0].tolist() == [100]
             pool.logits[row, 100] = -50.0
             pool.logits[row, 200] = 50.0
-            dec._sample(pool, idx)
+            dec.step._sample(pool, idx)
             assert pool.seen[row].nonzero()[:, 0].tolist() == [100, 200]
             assert pool.out[row, :2].tolist() == [100, 200]
             assert int(pool.step[row]) == 2
             # A row left out of the step keeps its state, at any step.
             pool.active[row] = False
             pool.logits[row, 300] = 90.0
-            dec._sample(pool, idx)
+            dec.step._sample(pool, idx)
             assert pool.seen[row].nonzero()[:, 0].tolist() == [100, 200]
             assert int(pool.step[row]) == 2 and int(pool.token[row]) == 200
             pool.step[row] = 0
             pool.seen[row] = False
             pool.seen[row, dec.start_token] = True
-            dec._sample(pool, idx)
+            dec.step._sample(pool, idx)
             assert pool.seen[row].nonzero()[:, 0].tolist() == [dec.start_token]
             assert int(pool.step[row]) == 0 and int(pool.token[row]) == 200
         finally:
@@ -308,7 +296,7 @@ def test_stop_token_ends_generation(model: Any) -> None:
     for seed in range(6):
         torch.manual_seed(seed)
         generation = decoder.generate(
-            prefix, _text(model), SamplingParams(), _never, 0, 1000
+            prefix, _text(model), SamplingParams(), Budget(max_tokens=1000)
         )
         blocks = list(generation)
         tokens = [t for block in blocks for t in block]
@@ -330,7 +318,10 @@ def test_min_tokens_holds_the_stop_back(model: Any, stop_dec: Any) -> None:
     for min_tokens in [0, 1, 13, 40]:
         torch.manual_seed(min_tokens)
         generation = stop_dec.generate(
-            prefix, _text(model), SamplingParams(), _never, min_tokens, 1000
+            prefix,
+            _text(model),
+            SamplingParams(),
+            Budget(min_tokens=min_tokens, max_tokens=1000),
         )
         blocks = list(generation)
         assert generation.n_tokens == min_tokens and not generation.cut
@@ -341,13 +332,18 @@ def test_max_tokens_cuts(model: Any, stop_dec: Any) -> None:
     prefix = stop_dec.prefix(model.conds.t3)
     for max_tokens in [0, 5, 20]:
         generation = stop_dec.generate(
-            prefix, _text(model), SamplingParams(), _never, 1000, max_tokens
+            prefix,
+            _text(model),
+            SamplingParams(),
+            Budget(min_tokens=1000, max_tokens=max_tokens),
         )
         blocks = list(generation)
         assert generation.cut and generation.n_tokens == max_tokens
         assert [len(b) for b in blocks] == _block_sizes(max_tokens)
     # The stop token on the last allowed step is a stop, not a cut.
-    generation = stop_dec.generate(prefix, _text(model), SamplingParams(), _never, 4, 5)
+    generation = stop_dec.generate(
+        prefix, _text(model), SamplingParams(), Budget(min_tokens=4, max_tokens=5)
+    )
     assert len(_tokens(generation)) == 4 and not generation.cut
 
 
@@ -356,8 +352,10 @@ def test_prompt_must_fit(model: Any, rand_t3: Any) -> None:
     prefix = small.prefix(model.conds.t3)  # 201 positions in the test voice
     long_text = torch.ones((1, 60), dtype=torch.long)
     with pytest.raises(ValueError, match="does not fit"):
-        small.generate(prefix, long_text, GREEDY, _never)
-    generation = small.generate(prefix, long_text[:, :50], GREEDY, _never, 0, 100)
+        small.generate(prefix, long_text, GREEDY)
+    generation = small.generate(
+        prefix, long_text[:, :50], GREEDY, Budget(max_tokens=100)
+    )
     assert len(_tokens(generation)) == 260 - (prefix.length + 51)
     assert generation.cut
     with pytest.raises(ValueError, match="another"):
@@ -365,7 +363,6 @@ def test_prompt_must_fit(model: Any, rand_t3: Any) -> None:
             T3Decoder(rand_t3, "cpu", torch.float32).prefix(model.conds.t3),
             long_text[:, :5],
             GREEDY,
-            _never,
         )
 
 
@@ -374,13 +371,15 @@ def test_prompt_must_fit(model: Any, rand_t3: Any) -> None:
 
 def _counting(decoder: T3Decoder, monkeypatch: Any) -> List[int]:
     count = [0]
-    run_step = decoder._run_step
+    run_step = decoder.step.run
 
-    def counted(rows: List[int], lengths: List[int], idx: Any = None) -> None:
+    def counted(
+        pool: Any, rows: List[int], lengths: List[int], idx: Any = None
+    ) -> None:
         count[0] += 1
-        run_step(rows, lengths, idx)
+        run_step(pool, rows, lengths, idx)
 
-    monkeypatch.setattr(decoder, "_run_step", counted)
+    monkeypatch.setattr(decoder.step, "run", counted)
     return count
 
 
@@ -391,7 +390,10 @@ def test_cancellation(model: Any, dec: Any, monkeypatch: Any) -> None:
     for k in [0, 3, 8, 11]:
         count[0] = 0
         generation = dec.generate(
-            prefix, _text(model), GREEDY, lambda: count[0] >= k, 1000, 1000
+            prefix,
+            _text(model),
+            GREEDY,
+            Budget(lambda: count[0] >= k, min_tokens=1000, max_tokens=1000),
         )
         got: List[int] = []
         with pytest.raises(SynthesisCancelled):
@@ -407,22 +409,22 @@ def test_slots_are_reused_and_released(model: Any, rand_t3: Any) -> None:
     prefix = decoder.prefix(model.conds.t3)
     decoder.warm_up()
     assert decoder.free_slots == 1
-    first = decoder.generate(prefix, _text(model), GREEDY, _never, 0, 100)
-    second = decoder.generate(prefix, _text(model), GREEDY, _never, 0, 100)
+    first = decoder.generate(prefix, _text(model), GREEDY, Budget(max_tokens=100))
+    second = decoder.generate(prefix, _text(model), GREEDY, Budget(max_tokens=100))
     assert decoder.free_slots == 1  # nothing taken before the first block
     next(first), next(second)
-    assert decoder.free_slots == 0 and decoder._n_slots == 2
+    assert decoder.free_slots == 0 and decoder.n_slots == 2
     first.close()
     assert decoder.free_slots == 1
     del second
     gc.collect()
     assert decoder.free_slots == 2
-    third = decoder.generate(prefix, _text(model), GREEDY, _never, 0, 10)
+    third = decoder.generate(prefix, _text(model), GREEDY, Budget(max_tokens=10))
     assert len(_tokens(third)) == 10 and decoder.free_slots == 2
-    assert decoder._n_slots == 2  # reused, not made anew
+    assert decoder.n_slots == 2  # reused, not made anew
     decoder.close()
     with pytest.raises(RuntimeError):
-        decoder.generate(prefix, _text(model), GREEDY, _never)
+        decoder.generate(prefix, _text(model), GREEDY)
 
 
 def _other_voice(model: Any) -> Any:
@@ -442,9 +444,9 @@ def test_interleaved_generations_match_solo_runs(model: Any, dec: Any) -> None:
         (dec.prefix(model.conds.t3), _text(model, TEXT)),
         (dec.prefix(_other_voice(model)), _text(model, OTHER_TEXT)),
     ]
-    solo = [_tokens(dec.generate(p, t, GREEDY, _never, 0, 37)) for p, t in jobs]
+    solo = [_tokens(dec.generate(p, t, GREEDY, Budget(max_tokens=37))) for p, t in jobs]
     assert solo[0] != solo[1]
-    generations = [dec.generate(p, t, GREEDY, _never, 0, 37) for p, t in jobs]
+    generations = [dec.generate(p, t, GREEDY, Budget(max_tokens=37)) for p, t in jobs]
     together: Tuple[List[int], List[int]] = ([], [])
     alive = [True, True]
     while any(alive):
@@ -472,8 +474,12 @@ def test_bfloat16_agrees_with_float32_and_releases(
     assert all(p.numel() == 0 for p in t3.tfmr.parameters())
     text = _text(model)
     cond = model.conds.t3
-    exact_tokens = _tokens(dec.generate(dec.prefix(cond), text, GREEDY, _never, 0, 60))
-    low_tokens = _tokens(low.generate(low.prefix(cond), text, GREEDY, _never, 0, 60))
+    exact_tokens = _tokens(
+        dec.generate(dec.prefix(cond), text, GREEDY, Budget(max_tokens=60))
+    )
+    low_tokens = _tokens(
+        low.generate(low.prefix(cond), text, GREEDY, Budget(max_tokens=60))
+    )
     assert len(exact_tokens) == len(low_tokens) == 60
     same = sum(a == b for a, b in zip(exact_tokens, low_tokens))
     assert same >= 54
@@ -502,17 +508,29 @@ class _ReplayedStep:
         self.body()
 
 
-def _fake_capture(self: T3Decoder, pool: Any, n: int, span: int) -> _ReplayedStep:
-    """What _capture does to the pool, on the CPU: warm-up steps with no row
-    active; and worse junk than that in every row no generation holds."""
-    body = self._graph_body(pool, n, span)
+def _fake_graphs(decoder: T3Decoder, monkeypatch: Any) -> None:
+    """Graphs on the CPU for `decoder`: its step's capture replaced by
+    _fake_capture, which needs the decoder to know the rows held."""
+
+    def capture(pool: Any, n: int, span: int) -> _ReplayedStep:
+        return _fake_capture(decoder, pool, n, span)
+
+    monkeypatch.setattr(decoder.step, "_capture", capture)
+    decoder.cuda_graphs = True
+
+
+def _fake_capture(decoder: T3Decoder, pool: Any, n: int, span: int) -> _ReplayedStep:
+    """What T3Step._capture does to the pool, on the CPU: warm-up steps with
+    no row active; and worse junk than that in every row no generation holds."""
+    step = decoder.step
+    body = step._graph_body(pool, n, span)
     active = pool.active.clone()
     pool.active.zero_()
     for _ in range(2):
         body()
     pool.active.copy_(active)
     generator = torch.Generator().manual_seed(7 + n + span)
-    held = set(range(self._n_slots)) - set(self._free)
+    held = set(range(decoder.n_slots)) - set(decoder._free)
     for row in range(pool.capacity):
         if row in held:
             continue
@@ -520,21 +538,21 @@ def _fake_capture(self: T3Decoder, pool: Any, n: int, span: int) -> _ReplayedSte
         cache.copy_(torch.randn(cache.shape, generator=generator))
         pool.logits[row] = torch.randn(pool.logits[row].shape, generator=generator)
         pool.out[row] = 3
-        pool.pos[row] = self.max_positions  # a finished row sits at the end
+        pool.pos[row] = step.max_positions  # a finished row sits at the end
     return _ReplayedStep(body)
 
 
 def _record_logits(monkeypatch: Any) -> List[Tuple[List[int], torch.Tensor]]:
     """Each sampling step's active rows and their logits."""
-    sample = T3Decoder._sample
+    sample = T3Step._sample
     record: List[Tuple[List[int], torch.Tensor]] = []
 
-    def recording_sample(self: T3Decoder, pool: Any, idx: Any) -> None:
+    def recording_sample(self: T3Step, pool: Any, idx: Any) -> None:
         active = pool.active[idx]
         record.append((idx[active].tolist(), pool.logits[idx][active].clone()))
         sample(self, pool, idx)
 
-    monkeypatch.setattr(T3Decoder, "_sample", recording_sample)
+    monkeypatch.setattr(T3Step, "_sample", recording_sample)
     return record
 
 
@@ -564,20 +582,27 @@ def test_graph_body_and_capture_protocol_on_the_cpu(
         record.clear()
         decoder = T3Decoder(rand_t3, "cpu", torch.float32)
         if graphs:
-            monkeypatch.setattr(T3Decoder, "_capture", _fake_capture)
-            decoder.cuda_graphs = True
+            _fake_graphs(decoder, monkeypatch)
         prefix = decoder.prefix(model.conds.t3)
         runs.append(
             [
-                _tokens(decoder.generate(prefix, text, GREEDY, _never, 30, 40)),
-                _tokens(decoder.generate(prefix, other, GREEDY, _never, 0, 25)),
+                _tokens(
+                    decoder.generate(
+                        prefix, text, GREEDY, Budget(min_tokens=30, max_tokens=40)
+                    )
+                ),
+                _tokens(decoder.generate(prefix, other, GREEDY, Budget(max_tokens=25))),
                 # Past the first span bucket (256 positions with the prompt).
-                _tokens(decoder.generate(prefix, text, GREEDY, _never, 90, 90)),
+                _tokens(
+                    decoder.generate(
+                        prefix, text, GREEDY, Budget(min_tokens=90, max_tokens=90)
+                    )
+                ),
             ]
         )
         if graphs:
             assert decoder.free_slots == 1  # one slot, reused: its state reset
-            graphs_used = decoder._pool.graphs
+            graphs_used = decoder.pool.graphs
             assert {key[0] for key in graphs_used} == {1}
             assert len({key[1] for key in graphs_used}) == 2  # two spans
             # Every token came from a replay (blocks of 8 may run past a stop).
@@ -598,7 +623,7 @@ def test_a_failed_capture_falls_back_to_the_eager_step(
     fails, the decoder says so once and speaks without graphs."""
     attempts = []
 
-    def failing_capture(self: T3Decoder, pool: Any, n: int, span: int) -> None:
+    def failing_capture(self: T3Step, pool: Any, n: int, span: int) -> None:
         attempts.append((n, span))
         body = self._graph_body(pool, n, span)
         active = pool.active.clone()
@@ -610,21 +635,28 @@ def test_a_failed_capture_falls_back_to_the_eager_step(
     text = _text(model)
     plain = T3Decoder(rand_t3, "cpu", torch.float32)
     expected = _tokens(
-        plain.generate(plain.prefix(model.conds.t3), text, GREEDY, _never, 30, 40)
+        plain.generate(
+            plain.prefix(model.conds.t3),
+            text,
+            GREEDY,
+            Budget(min_tokens=30, max_tokens=40),
+        )
     )
     plain.close()
 
-    monkeypatch.setattr(T3Decoder, "_capture", failing_capture)
+    monkeypatch.setattr(T3Step, "_capture", failing_capture)
     decoder = T3Decoder(rand_t3, "cpu", torch.float32, max_batch=2)
     decoder.cuda_graphs = True
-    with caplog.at_level("WARNING", logger="wyoming_chatterbox.t3_decoder"):
+    with caplog.at_level("WARNING", logger="wyoming_chatterbox.chatterbox.t3_decoder"):
         decoder.warm_up()
     assert "Could not capture" in caplog.text
     assert decoder.cuda_graphs is False
     prefix = decoder.prefix(model.conds.t3)
-    first = decoder.generate(prefix, text, GREEDY, _never, 30, 40)
+    first = decoder.generate(prefix, text, GREEDY, Budget(min_tokens=30, max_tokens=40))
     head = next(first)  # holds the warmed-up slot
-    second = _tokens(decoder.generate(prefix, text, GREEDY, _never, 30, 40))
+    second = _tokens(
+        decoder.generate(prefix, text, GREEDY, Budget(min_tokens=30, max_tokens=40))
+    )
     assert head + _tokens(first) == expected == second
     assert len(attempts) == 1  # tried once, not for each span or batch
     decoder.close()
@@ -651,9 +683,9 @@ def _interleaved(
     tokens: List[List[int]] = [[] for _ in generations]
     blocks: List[List[int]] = [[] for _ in generations]
     for i in itertools.cycle(order):
-        if all(g._done for g in generations):
+        if all(g.done for g in generations):
             break
-        if generations[i]._done:
+        if generations[i].done:
             continue
         try:
             block = next(generations[i])
@@ -677,25 +709,30 @@ def test_batched_steps_give_each_generation_its_solo_tokens(
     expected, expected_logits = [], []
     for prefix, text, low, high in _jobs(model, solo):
         record.clear()
-        expected.append(_tokens(solo.generate(prefix, text, GREEDY, _never, low, high)))
+        expected.append(
+            _tokens(
+                solo.generate(
+                    prefix, text, GREEDY, Budget(min_tokens=low, max_tokens=high)
+                )
+            )
+        )
         expected_logits.append(_per_row(record)[0])
     solo.close()
 
     record.clear()
     decoder = T3Decoder(rand_t3, "cpu", torch.float32, max_batch=4, lead_tokens=16)
     if graphs:
-        monkeypatch.setattr(T3Decoder, "_capture", _fake_capture)
-        decoder.cuda_graphs = True
+        _fake_graphs(decoder, monkeypatch)
     generations = [
-        decoder.generate(prefix, text, GREEDY, _never, low, high)
+        decoder.generate(prefix, text, GREEDY, Budget(min_tokens=low, max_tokens=high))
         for prefix, text, low, high in _jobs(model, decoder)
     ]
     first = next(generations[0])  # alone: rows 1 and 2 are made later
-    assert decoder._pool.capacity == 1
+    assert decoder.pool.capacity == 1
     tokens, _ = _interleaved(generations, [1, 2, 0, 0, 2])
     tokens[0][:0] = first
     assert tokens == expected
-    assert decoder._pool.capacity == 4
+    assert decoder.pool.capacity == 4
     # Companions made tokens in others' steps: fewer blocks ran than if each
     # ran its own (30 + 53 + 41 tokens in blocks of 8: 17).
     assert max(g.batched_steps / g.steps for g in generations) > 1.5
@@ -704,7 +741,7 @@ def test_batched_steps_give_each_generation_its_solo_tokens(
         got = traces[row][: len(want)]
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     if graphs:
-        assert {key[0] for key in decoder._pool.graphs} >= {2, 4}
+        assert {key[0] for key in decoder.pool.graphs} >= {2, 4}
     assert decoder.free_slots == 3
     decoder.close()
 
@@ -715,10 +752,22 @@ def test_companions_stay_within_their_lead_and_stop_when_told(
     decoder = T3Decoder(rand_t3, "cpu", torch.float32, max_batch=3, lead_tokens=16)
     prefix = decoder.prefix(model.conds.t3)
     stop = [False]
-    lead = decoder.generate(prefix, _text(model), GREEDY, _never, 100, 100)
-    behind = decoder.generate(prefix, _text(model), GREEDY, lambda: stop[0], 100, 100)
+    lead = decoder.generate(
+        prefix, _text(model), GREEDY, Budget(min_tokens=100, max_tokens=100)
+    )
+    behind = decoder.generate(
+        prefix,
+        _text(model),
+        GREEDY,
+        Budget(lambda: stop[0], min_tokens=100, max_tokens=100),
+    )
     solo = _tokens(
-        dec.generate(dec.prefix(model.conds.t3), _text(model), GREEDY, _never, 100, 100)
+        dec.generate(
+            dec.prefix(model.conds.t3),
+            _text(model),
+            GREEDY,
+            Budget(min_tokens=100, max_tokens=100),
+        )
     )
     assert next(behind) == solo[:8]  # started: now a companion
     for _ in range(4):
@@ -743,13 +792,23 @@ def test_cancelling_one_of_a_batch_is_at_once_and_leaves_the_others(
     count = _counting(decoder, monkeypatch)
     prefix = decoder.prefix(model.conds.t3)
     solo = _tokens(
-        dec.generate(dec.prefix(model.conds.t3), _text(model), GREEDY, _never, 60, 60)
+        dec.generate(
+            dec.prefix(model.conds.t3),
+            _text(model),
+            GREEDY,
+            Budget(min_tokens=60, max_tokens=60),
+        )
     )
-    other = decoder.generate(prefix, _text(model), GREEDY, _never, 60, 60)
+    other = decoder.generate(
+        prefix, _text(model), GREEDY, Budget(min_tokens=60, max_tokens=60)
+    )
     assert next(other) == solo[:8]
     count[0] = 0
     gone = decoder.generate(
-        prefix, _text(model), GREEDY, lambda: count[0] >= 11, 60, 60
+        prefix,
+        _text(model),
+        GREEDY,
+        Budget(lambda: count[0] >= 11, min_tokens=60, max_tokens=60),
     )
     with pytest.raises(SynthesisCancelled):
         list(gone)
@@ -772,8 +831,12 @@ def test_cuda_graph_replay_matches_eager(model: Any, rand_t3: Any) -> None:
         prefix = decoder.prefix(cond)
         results.append(
             [
-                _tokens(decoder.generate(prefix, text, GREEDY, _never, 30, 60)),
-                _tokens(decoder.generate(prefix, text, GREEDY, _never, 0, 45)),
+                _tokens(
+                    decoder.generate(
+                        prefix, text, GREEDY, Budget(min_tokens=30, max_tokens=60)
+                    )
+                ),
+                _tokens(decoder.generate(prefix, text, GREEDY, Budget(max_tokens=45))),
             ]
         )
         decoder.close()
@@ -795,7 +858,9 @@ def test_cuda_batched_graphs_match_solo_eager(model: Any, rand_t3: Any) -> None:
     def run(decoder: T3Decoder) -> List[List[int]]:
         prefixes = [decoder.prefix(voice) for voice in voices]
         generations = [
-            decoder.generate(prefixes[v], texts[t], GREEDY, _never, low, high)
+            decoder.generate(
+                prefixes[v], texts[t], GREEDY, Budget(min_tokens=low, max_tokens=high)
+            )
             for v, t, low, high in plan
         ]
         return _interleaved(generations, [0, 1, 2])[0]
@@ -806,5 +871,5 @@ def test_cuda_batched_graphs_match_solo_eager(model: Any, rand_t3: Any) -> None:
     decoder = T3Decoder(t3, "cuda", torch.float32, cuda_graphs=True, max_batch=4)
     decoder.warm_up()
     assert run(decoder) == expected
-    assert decoder.cuda_graphs and {n for n, _ in decoder._pool.graphs} >= {4}
+    assert decoder.cuda_graphs and {n for n, _ in decoder.pool.graphs} >= {4}
     decoder.close()

@@ -16,8 +16,9 @@ import pytest
 import soundfile
 
 from tests.fakes import FakeClipBackend, FakeMultilingualBackend, write_clip
-from wyoming_chatterbox.backend import speech_token_budget
-from wyoming_chatterbox.engine import SamplingParams, UnknownVoice
+from wyoming_chatterbox.chatterbox.base import speech_token_budget
+from wyoming_chatterbox.settings import ModelSettings
+from wyoming_chatterbox.speech import Piece, SamplingParams, SpeechJob, UnknownVoice
 from wyoming_chatterbox.voices import VoiceLibrary, sanitise_name
 
 
@@ -28,14 +29,14 @@ def names(voices: List) -> List[str]:  # type: ignore[type-arg]
 def make_backend(tmp_path: Path, cls=FakeClipBackend):  # type: ignore[no-untyped-def]
     voices_dir = tmp_path / "voices"
     voices_dir.mkdir(exist_ok=True)
-    backend = cls(None, tmp_path / "data", "cpu", voices_dir)
+    backend = cls(
+        ModelSettings(data_dir=tmp_path / "data", device="cpu", voices_dir=voices_dir)
+    )
     return backend, voices_dir
 
 
 def speak(backend, text: str, voice: str, language: str = "en"):  # type: ignore[no-untyped-def]
-    return list(
-        backend.synthesize(text, voice, language, SamplingParams(), lambda: False)
-    )
+    return list(backend.speak(SpeechJob(text, voice, language, SamplingParams())))
 
 
 @pytest.mark.parametrize(
@@ -205,7 +206,7 @@ def test_conditionals_are_cached_on_disk_by_content_and_model(tmp_path: Path) ->
 def test_unwritable_cache_costs_only_time(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    from wyoming_chatterbox.backend import ChatterboxBackend
+    from wyoming_chatterbox.chatterbox.base import ChatterboxBackend
 
     class Unwritable(FakeClipBackend):
         _save_cached = ChatterboxBackend._save_cached  # the real one
@@ -328,9 +329,11 @@ def test_runaway_generation_is_logged(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     class Babbler(FakeClipBackend):
-        def _speak(self, text, conds, language, params, should_stop, max_tokens):  # type: ignore[no-untyped-def]
+        def _speak(self, job, conds, stats):  # type: ignore[no-untyped-def]
+            max_tokens = job.budget.max_tokens
             self.budgets = getattr(self, "budgets", []) + [max_tokens]
-            return np.zeros(960 * max_tokens, np.float32), max_tokens, True
+            stats.tokens, stats.cut = max_tokens, True
+            yield Piece(audio=np.zeros(960 * max_tokens, np.float32), tokens=max_tokens)
 
     backend, _ = make_backend(tmp_path, Babbler)
     backend.load()
@@ -361,15 +364,22 @@ def test_languages_a_model_cannot_speak_are_warned_once(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     # The real backends' language rules; listing voices needs no model.
-    from wyoming_chatterbox.multilingual import LANGUAGES, MultilingualBackend
-    from wyoming_chatterbox.turbo import TurboBackend
+    from wyoming_chatterbox.chatterbox.multilingual import (
+        LANGUAGES,
+        MultilingualBackend,
+    )
+    from wyoming_chatterbox.chatterbox.turbo import TurboBackend
 
     voices_dir = tmp_path / "voices"
     voices_dir.mkdir()
     write_clip(voices_dir / "anna.wav")
     (voices_dir / "anna.json").write_text(json.dumps({"languages": ["xx", "de-AT"]}))
-    turbo = TurboBackend(None, tmp_path, "cpu", voices_dir)
-    mtl = MultilingualBackend(None, tmp_path, "cpu", voices_dir)
+    turbo = TurboBackend(
+        ModelSettings(data_dir=tmp_path, device="cpu", voices_dir=voices_dir)
+    )
+    mtl = MultilingualBackend(
+        ModelSettings(data_dir=tmp_path, device="cpu", voices_dir=voices_dir)
+    )
     with caplog.at_level(logging.WARNING):
         for _ in range(3):
             assert names(turbo.voices()) == ["default", "anna"]

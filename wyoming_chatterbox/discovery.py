@@ -1,49 +1,10 @@
 """Zeroconf (mDNS) discovery: Home Assistant finds the server by itself.
 
-Home Assistant's Wyoming integration browses ``_wyoming._tcp.local.``; for each
-service it takes the first address that is not link-local or unspecified and the
-port, sends Describe at once (so advertise only while the server listens), and
-offers the server for setup. The entry's unique id is the service name plus the
-program name, so the service name must stay the same across restarts
-(``default_service_name`` is built from the host name); a known entry is not
-updated when the address changes. TXT properties are not read, so none are sent.
-
-Which address is advertised (``advertised_address``) matters more than anything
-else here: Home Assistant connects to exactly that address.
-
-- ``--zeroconf-host`` wins. It must be an IP address: an mDNS record carries
-  addresses, and resolving a name once at start would freeze an address that may
-  change. This is the answer for Docker in bridge mode (the container only knows
-  its bridge address, e.g. 172.17.0.2, which Home Assistant cannot reach; note that
-  mDNS from a bridged container does not reach the LAN at all without host
-  networking or a reflector) and for hosts with several networks.
-- A server bound to one address (``tcp://192.168.1.5:10200``) advertises that
-  address: nothing else can reach it.
-- A server bound to all interfaces (``0.0.0.0``, ``::`` or empty) advertises a
-  LAN address found without sending anything:
-
-  1. every address of every interface (``ifaddr``), less loopback, link-local,
-     unspecified and multicast ones and (Linux) those of interfaces that are not
-     up and running (an unplugged cable, a Docker bridge with no container);
-  2. of these, IPv4 first (``::`` is the exception: asyncio binds it IPv6-only),
-     then addresses on ordinary interfaces before virtual ones (``docker0``,
-     ``veth*``, VPNs...), then private addresses (10/8, 172.16/12, 192.168/16,
-     fc00::/7: a home LAN, where Home Assistant lives) before public ones, then
-     the address the kernel would use for its default route. That last one comes
-     from the classic trick: ``connect()`` a UDP socket to a documentation
-     address (RFC 5737 / RFC 3849) and read ``getsockname()``; a UDP connect
-     only looks up the route, no packet is sent. Interface order breaks ties;
-  3. nothing left: loopback, with a warning that only a Home Assistant on this
-     machine can use it.
-
-``wyoming.zeroconf.HomeAssistantZeroconf`` (the library's own helper, used by
-wyoming-piper) is not used: given a host it advertises it as is (``0.0.0.0`` for a
-server bound to all interfaces, which Home Assistant ignores); without one it
-detects the address by connecting to the mDNS group, which raises
-``OSError`` on a machine without a default or multicast route; it names the
-service after the MAC address, cannot restrict the interfaces, opens its sockets
-in the constructor, has no name-conflict handling and no way to withdraw the
-service (no goodbye packets when the server stops).
+`ZeroconfAdvertiser` announces `_wyoming._tcp.local.` once the server listens
+and withdraws it on stop; `advertised_address` chooses the one address Home
+Assistant will connect to (--zeroconf-host, the bound address, or the best LAN
+address, found without sending anything). docs/design.md says how it chooses
+and why wyoming's own helper is not used.
 """
 
 import asyncio
@@ -118,6 +79,7 @@ class InterfaceAddress:
     up: Optional[bool] = None
 
 
+# Long: the address rules in the order docs/design.md gives them.
 def advertised_address(bind_host: str, override: Optional[str] = None) -> str:
     """The address Home Assistant should connect to; see the module docstring.
 

@@ -143,6 +143,7 @@ class _ScrapeHooks(Collector):
 class Metrics:
     """The server's metrics, in a registry of their own."""
 
+    # Long: one declaration per metric.
     def __init__(self, registry: Optional[CollectorRegistry] = None) -> None:
         if registry is None:
             registry = CollectorRegistry()

@@ -13,6 +13,9 @@ Two entry points share one implementation so that they always agree:
   fragmentation its output equals ``split_groups`` of the whole text.
 
 Pure functions and one small class: no audio, no I/O, no asyncio.
+
+Long (~600 lines): one algorithm (scan, cut, pack) that streaming and whole
+text must share exactly.
 """
 
 from __future__ import annotations
@@ -34,6 +37,8 @@ from collections.abc import Sequence
 # splits inside a word ("Hello.World").
 import sentencex  # type: ignore[import-untyped,unused-ignore]
 
+from .text import LINE_BREAK_RE, is_cjk
+
 _LOGGER = logging.getLogger(__name__)
 
 MAX_GROUP_CHARS = 300
@@ -43,9 +48,6 @@ MAX_GROUP_SENTENCES = 3
 # scripts (。 । ؟ ...) are recognised whatever the language.
 _LANGUAGE = "en"
 
-# Every line break ends a sentence: LLM replies use line breaks for structure
-# (list items, headings, paragraphs), not to wrap running text.
-_LINE_BREAK_RE = re.compile("[\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029]")
 
 # A Greek ";" (or U+037E) is a question mark; sentencex only knows that when
 # told the text is Greek, and we do not know the language of the text.
@@ -271,7 +273,7 @@ class _SentenceScanner:
     def feed(self, fragment: str) -> list[str]:
         """Add text; return the sentences it completed."""
         out: list[str] = []
-        lines = _LINE_BREAK_RE.split(fragment)
+        lines = LINE_BREAK_RE.split(fragment)
         for line in lines[:-1]:
             self._tail += line
             self._scan(out)
@@ -288,7 +290,7 @@ class _SentenceScanner:
     def tentative(self, max_chars: int) -> str | None:
         """See IncrementalSplitter.tentative_first."""
         text = self._tail.strip()
-        if not text or len(text) > max_chars or _LINE_BREAK_RE.search(text):
+        if not text or len(text) > max_chars or LINE_BREAK_RE.search(text):
             return None
         if not _has_alnum(text) or not _has_trigger(text[-1]):
             return None
@@ -312,7 +314,7 @@ class _SentenceScanner:
             index += 1
             if not (
                 (char.isspace() and index >= 2 and not self._tail[index - 2].isspace())
-                or _is_cjk(char)
+                or is_cjk(char)
             ):
                 continue
             self._checkpoints.append(index)
@@ -562,19 +564,6 @@ def _check_limits(max_chars: int, max_sentences: int) -> None:
         )
 
 
-def _is_cjk(char: str) -> bool:
-    """Han, kana: scripts written without spaces, so each character is a word."""
-    code = ord(char)
-    return (
-        0x3040 <= code <= 0x30FF  # Hiragana, Katakana
-        or 0x3400 <= code <= 0x4DBF  # CJK Extension A
-        or 0x4E00 <= code <= 0x9FFF  # CJK Unified Ideographs
-        or 0xF900 <= code <= 0xFAFF  # CJK Compatibility Ideographs
-        or 0xFF66 <= code <= 0xFF9D  # Halfwidth Katakana
-        or 0x20000 <= code <= 0x3134F  # CJK Extensions B-G
-    )
-
-
 def _is_word_break(text: str, index: int) -> bool:
     """Whether a sentence may end at ``index`` without cutting a word.
 
@@ -588,7 +577,7 @@ def _is_word_break(text: str, index: int) -> bool:
 def _is_wide(char: str) -> bool:
     """CJK characters and CJK or fullwidth punctuation (。！？)."""
     code = ord(char)
-    return _is_cjk(char) or 0x3000 <= code <= 0x303F or 0xFF00 <= code <= 0xFFEF
+    return is_cjk(char) or 0x3000 <= code <= 0x303F or 0xFF00 <= code <= 0xFFEF
 
 
 def _has_trigger(text: str) -> bool:
@@ -604,7 +593,7 @@ def _has_complete_word(text: str) -> bool:
     """Whether text holds a word followed by whitespace, or a CJK character."""
     previous_is_word = False
     for char in text:
-        if _is_cjk(char):
+        if is_cjk(char):
             return True
         if char.isspace():
             if previous_is_word:

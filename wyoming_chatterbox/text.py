@@ -1,96 +1,13 @@
 """Turn an LLM reply (Markdown, emoji, symbols) into text that TTS reads well.
 
-Home Assistant hands the TTS what its LLM wrote: Markdown with bold words, lists,
-headings, links, tables, code blocks, emoji and units like ``21°C``.  Read as is,
-the model would say "asterisk", read URLs letter by letter or stumble on emoji.
-:func:`clean_text` cleans a whole reply; :class:`TextCleaner` cleans a reply
-streamed in fragments cut anywhere (mid-word, mid-markup, one character at a
-time) and returns the cleaned text as early as it is certain.
+`clean_text` cleans a whole reply; `TextCleaner` cleans a reply streamed in
+fragments cut anywhere and returns the cleaned text as early as it is certain.
+Both are one streaming machine, so for any cutting of the input the fragments'
+results joined equal `clean_text(text)` (tested with hypothesis). Pure: no I/O,
+no audio. docs/design.md holds the stages and every decision (URLs, tables,
+times, money, symbols, other languages).
 
-Design: one streaming machine, three stages
--------------------------------------------
-:func:`clean_text` *is* the streaming machine fed the whole text at once, so the
-two can never disagree.  For any cutting of the input into fragments, the
-concatenation of every :meth:`TextCleaner.feed` result and :meth:`TextCleaner.flush`
-equals ``clean_text(text)``: each stage below decides only from text it has
-seen, and holds text back exactly while a later character could change the
-decision.  Each stage is chunking-independent on its own, so their chain is.
-
-1. **Block stage** (line starts).  Markdown's block syntax lives at the start of
-   a line: headings (``#``), list markers (``-``, ``*``, ``+``, ``1.``, ``1)``),
-   blockquotes (``>``), code fences (`````` ``` `````` / ``~~~``), horizontal rules
-   and table separator rows.  The start of a line is held while it holds only
-   characters that could still form such a marker (``- * _ = | : + ~ # > ` . )``,
-   digits, blanks), then the markers are removed and the rest of the line passes
-   straight through.  A line made only of those symbols (``---``, ``|---|---|``,
-   ``***``, ``===``) is dropped.  Fenced code blocks are dropped entirely, fences
-   included: code is not speakable.  Every line break is passed on as ``\\n``, so
-   headings, list items and table rows stay on lines of their own (the sentence
-   splitter ends a sentence at a line break).
-
-2. **Inline stage** (words).  The line text is cut into tokens at whitespace and
-   ``|`` (a table cell border).  A token is cleaned once it is complete (followed
-   by a separator).  A few constructs span tokens, so a token can be held until
-   the next one is complete: in English a number (``21 °C``, ``3:45 pm``, ``5
-   km/h``, ``10 €``), an operator (``2 * 3``, ``< 5``), a lone currency sign and
-   ``No.``; in any language ``[clear`` (of ``[clear throat]``) and an HTML tag
-   still open (``<a href="x">``); a unit takes at most 12 tokens.  These tokens
-   form one *unit*, cleaned by one pure function (:func:`_clean_unit`): emoji,
-   links, URLs, HTML, entities, paralinguistic tags, English number rules,
-   emphasis markers and stray symbols, punctuation runs.  A unit never spans a
-   line break or a table cell border.
-
-3. **Emitter** (whitespace).  Runs of blanks become one space, a table cell
-   border becomes ``", "``, and line breaks become one ``\\n`` (blank lines and
-   lines that cleaned to nothing disappear).  A space is written only when the
-   next word arrives, so the output never ends in a space and no space is left
-   before punctuation whose word cleaned away (``"on 🎉."`` -> ``"on."``); a line
-   break is written at once, so the sentence splitter can close a line without
-   waiting for more text.
-
-What is held back, and why: the partial last word (it may still grow into a
-URL, a unit or a tag); a number's next word (``21`` may be followed by ``°C``);
-the start of a line while it may still become a marker; an open HTML tag; a
-code block (dropped).  Emphasis is *not* held: markers are removed where they
-stand, without pairing ``**`` with its closer, so ``**Bold`` streams at once;
-the result is the same for speech and no open ``**`` can hold back a sentence.
-Feeding ``"Hello there. How"`` returns ``"Hello there."`` (the space follows
-with the next word).
-
-Libraries
----------
-``regex`` (a dependency of ``transformers``, hence of chatterbox) for
-``\\p{Extended_Pictographic}`` and other Unicode properties the standard ``re``
-lacks; emoji ranges written by hand go stale with each Unicode release.
-``markdown-it-py`` is not used: it parses whole documents, so streaming with it
-would mean re-parsing the accumulated text on every fragment (quadratic), and a
-prefix can parse differently once more text arrives (setext headings, lazy
-continuation lines, reference links), so nothing could be emitted early with
-certainty.  Speech only needs markers removed, not a document tree.
-``num2words`` is not installed; times are spelled out by a small converter
-(hours and minutes only need 0-59).
-
-Decisions
----------
-* URLs (``http://``, ``https://``, ``www.``, ``<https://...>``) become their
-  domain, lower case and without ``www.``: ``https://www.home-assistant.io/x`` ->
-  ``home-assistant.io``.  ``[text](url)`` -> ``text``; ``![alt](url)`` -> ``alt``.
-* Fenced code blocks are dropped; inline code keeps its text.
-* Table rows become their cells joined by ``", "``, one row per line.
-* Times (English): ``3:45 pm`` -> ``three forty-five PM``; ``10:00`` -> ``ten
-  o'clock``; a 24-hour time (``07:00``, ``18:30``) -> ``seven AM``, ``six thirty PM``.
-* Money (English): ``$5.99`` -> ``5 dollars and 99 cents``; ``€0.25/kWh`` -> ``25
-  cents per kilowatt hour``; other numbers stay digits (the model reads those).
-* HTML tags are stripped (``<br>``, ``<p>``, ``<li>``... end the line), entities
-  decoded.  Brackets that are not a tag or a link lose their brackets.
-* Symbols: an underscore inside a word stays (``snake_case``, entity ids);
-  ``!!!`` -> ``!``, ``?!`` -> ``?``, ``....`` -> ``...``, ``--`` -> ``—``, arrows
-  (``->``, ``→``) -> ``—``.  In English ``&`` -> ``and``, ``=`` -> ``equals``, ``*``
-  between numbers -> ``times``, ``< 5`` -> ``less than 5``, ``~5`` -> ``about 5``,
-  ``#1`` / ``No. 1`` -> ``number 1``, ``1,000`` -> ``1000``, ``e.g.``, ``i.e.``,
-  ``vs.``, ``approx.`` spelled out; other ``* _ ~ ` # ^ \\ < > = { } |`` go.
-* Other languages get only the language-neutral cleanup (Markdown, emoji, URLs,
-  symbols); ``°C`` and ``%`` are left as they are.
+Long (~550 lines): one streaming machine; its three stages share their patterns.
 """
 
 from __future__ import annotations
@@ -100,7 +17,17 @@ import re
 
 import regex
 
-__all__ = ["TextCleaner", "clean_text", "PARALINGUISTIC_TAGS"]
+from .english import DIGIT_STAR_RE, ENGLISH_GATE_RE, say_english
+
+__all__ = [
+    "TextCleaner",
+    "clean_text",
+    "PARALINGUISTIC_TAGS",
+    "LINE_BREAKS",
+    "LINE_BREAK_RE",
+    "SYLLABIC_RE",
+    "is_cjk",
+]
 
 # Chatterbox Turbo's paralinguistic tags: kept (lower case), everything else in
 # square brackets loses its brackets.
@@ -116,9 +43,33 @@ PARALINGUISTIC_TAGS = (
     "clear throat",
 )
 
-# Line breaks, as the sentence splitter counts them.
-_LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
-_LINE_BREAK_RE = re.compile(f"[{_LINE_BREAKS}]")
+# Line breaks (the cleaner keeps each; the sentence splitter ends a sentence
+# at each: LLM replies use them for structure, not to wrap running text).
+LINE_BREAKS = "\n\r\v\f\x1c\x1d\x1e\x85\u2028\u2029"
+LINE_BREAK_RE = re.compile(f"[{LINE_BREAKS}]")
+
+# Han and kana: scripts written without spaces, so each character is a word.
+_CJK_RANGES = (
+    (0x3040, 0x30FF),  # Hiragana, Katakana
+    (0x3400, 0x4DBF),  # CJK Extension A
+    (0x4E00, 0x9FFF),  # CJK Unified Ideographs
+    (0xF900, 0xFAFF),  # CJK Compatibility Ideographs
+    (0xFF66, 0xFF9D),  # Halfwidth Katakana
+    (0x20000, 0x3134F),  # CJK Extensions B-G
+)
+# Scripts in which one character is a syllable or more: those and Hangul.
+SYLLABIC_RE = re.compile(
+    "["
+    + "".join(f"{chr(low)}-{chr(high)}" for low, high in _CJK_RANGES)
+    + "\uac00-\ud7af]"
+)
+
+
+def is_cjk(char: str) -> bool:
+    """Whether the character is Han or kana (see _CJK_RANGES)."""
+    code = ord(char)
+    return any(low <= code <= high for low, high in _CJK_RANGES)
+
 
 # ---------------------------------------------------------------------------
 # Block stage patterns
@@ -212,251 +163,10 @@ _EMPTY_PARENS_RE = re.compile(r"\(\s*\)")
 
 # Emphasis, code and stray symbols.  An underscore inside a word (snake_case)
 # stays; "*" between digits is multiplication.
-_DIGIT_STAR_RE = re.compile(r"(?<=\d)\s?[*×]\s?(?=\d)")
 _SYMBOL_RE = regex.compile(
     r"[`*~#\\]+|(?<![\p{L}\p{M}\p{N}])_+|_+(?![\p{L}\p{M}\p{N}])|[\^<>=|{}]"
 )
 _PUNCT_RUN_RE = re.compile(r"[!?]{2,}|,{2,}|\.{4,}|;{2,}|:{2,}|-{2,}|—{2,}|…{2,}")
-
-# ---------------------------------------------------------------------------
-# English rules
-# ---------------------------------------------------------------------------
-
-_ENGLISH_GATE_RE = re.compile(r"[\d&=$€£]|(?i:vs|approx|e\.\s?g|i\.\s?e)")
-
-_UNITS: dict[str, tuple[str, str]] = {
-    "km/h": ("kilometer per hour", "kilometers per hour"),
-    "mph": ("mile per hour", "miles per hour"),
-    "m/s": ("meter per second", "meters per second"),
-    "kWh": ("kilowatt hour", "kilowatt hours"),
-    "MWh": ("megawatt hour", "megawatt hours"),
-    "Wh": ("watt hour", "watt hours"),
-    "kW": ("kilowatt", "kilowatts"),
-    "W": ("watt", "watts"),
-    "V": ("volt", "volts"),
-    "mA": ("milliamp", "milliamps"),
-    "A": ("amp", "amps"),
-    "Hz": ("hertz", "hertz"),
-    "hPa": ("hectopascal", "hectopascals"),
-    "mbar": ("millibar", "millibars"),
-    "km": ("kilometer", "kilometers"),
-    "cm": ("centimeter", "centimeters"),
-    "mm": ("millimeter", "millimeters"),
-    "m²": ("square meter", "square meters"),
-    "m³": ("cubic meter", "cubic meters"),
-    "m": ("meter", "meters"),
-    "mi": ("mile", "miles"),
-    "ft": ("foot", "feet"),
-    "kg": ("kilogram", "kilograms"),
-    "g": ("gram", "grams"),
-    "lbs": ("pound", "pounds"),
-    "lb": ("pound", "pounds"),
-    "L": ("liter", "liters"),
-    "ml": ("milliliter", "milliliters"),
-    "mL": ("milliliter", "milliliters"),
-    "µg/m³": ("microgram per cubic meter", "micrograms per cubic meter"),
-    "μg/m³": ("microgram per cubic meter", "micrograms per cubic meter"),
-    "ppm": ("part per million", "parts per million"),
-    "dB": ("decibel", "decibels"),
-    "lx": ("lux", "lux"),
-    "GB": ("gigabyte", "gigabytes"),
-    "MB": ("megabyte", "megabytes"),
-    "TB": ("terabyte", "terabytes"),
-    "Mbps": ("megabit per second", "megabits per second"),
-    "min": ("minute", "minutes"),
-    "sec": ("second", "seconds"),
-    "hrs": ("hour", "hours"),
-    "hr": ("hour", "hours"),
-    "h": ("hour", "hours"),
-}
-_UNIT_ALT = "|".join(re.escape(unit) for unit in sorted(_UNITS, key=len, reverse=True))
-_UNIT_END = r"(?![\w/²³])"
-_NUMBER = r"\d+(?:\.\d+)?"
-
-_THOUSANDS_RE = re.compile(r"(?<![\d,.])\d{1,3}(?:,\d{3})+(?!\d|,\d)")
-_CURRENCIES: dict[str, tuple[str, str, str, str]] = {
-    "$": ("dollar", "dollars", "cent", "cents"),
-    "USD": ("dollar", "dollars", "cent", "cents"),
-    "€": ("euro", "euros", "cent", "cents"),
-    "EUR": ("euro", "euros", "cent", "cents"),
-    "£": ("pound", "pounds", "penny", "pence"),
-    "GBP": ("pound", "pounds", "penny", "pence"),
-}
-_MAGNITUDE = r"(?:\s?(thousand|million|billion|trillion)\b)?"
-_PER_UNIT = r"(?:\s?/\s?([A-Za-zµμ²³/]+))?"
-_MONEY_PREFIX_RE = re.compile(
-    rf"(?<![\w.])([$€£])\s?(\d+)(?:\.(\d+))?{_MAGNITUDE}{_PER_UNIT}"
-)
-_MONEY_SUFFIX_RE = re.compile(
-    rf"(?<![\w.])(\d+)(?:\.(\d+))?{_MAGNITUDE}\s?([$€£]|EUR\b|USD\b|GBP\b){_PER_UNIT}"
-)
-_TIME_RANGE_RE = re.compile(r"(?<=\d:\d\d)\s?[-–]\s?(?=\d{1,2}:\d\d)")
-_TIME_12_RE = re.compile(
-    r"(?<![\w:.,])(\d{1,2})(?:[:.](\d{2}))?\s?([AaPp])\.?[Mm](?!\w)(?:\.(?=[,;:!?)]))?"
-)
-_TIME_24_RE = re.compile(r"(?<![\w:.,])(\d{1,2}):(\d{2})(?![\w:]|[.,]\d)")
-_RANGE_RE = re.compile(
-    rf"(?<![\w.])({_NUMBER})\s?[-–]\s?({_NUMBER})"
-    rf"(?=\s?(?:[°℃℉%]|(?:{_UNIT_ALT}){_UNIT_END}))"
-)
-_MINUS_RE = re.compile(rf"(?<![\w.])[-−–](?={_NUMBER}\s?(?:°|℃|℉))")
-_TEMPERATURE_RE = re.compile(
-    rf"(?<![\w.])({_NUMBER})\s?(?:°\s?([CcFf])|(℃)|(℉)|°)(?![A-Za-z])"
-)
-_PERCENT_RE = re.compile(rf"({_NUMBER})\s?%")
-_UNIT_RE = re.compile(rf"(?<![\w.])({_NUMBER})\s?({_UNIT_ALT}){_UNIT_END}")
-
-_ENGLISH_WORDS: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"(?<![\w.])[~≈]\s?(?=\d)"), "about "),
-    (re.compile(r"(?<![\w#])#(?=\d)"), "number "),
-    (re.compile(r"(?<![\w.])N[or]\.\s?(?=\d)"), "Number "),
-    (re.compile(r"(?<![\w.])n[or]\.\s?(?=\d)"), "number "),
-    (re.compile(r"(?:<=|≤)\s?(?=\d)"), " at most "),
-    (re.compile(r"(?:>=|≥)\s?(?=\d)"), " at least "),
-    (re.compile(r"<\s?(?=\d)"), " less than "),
-    (re.compile(r">\s?(?=\d)"), " more than "),
-    (_DIGIT_STAR_RE, " times "),
-    (re.compile(r"(?<![=<>!])==?(?!=)"), " equals "),
-    (re.compile(r"&"), " and "),
-    (re.compile(r"(?<![\w.])e\.\s?g\.(?!\w)"), "for example"),
-    (re.compile(r"(?<![\w.])E\.\s?g\.(?!\w)"), "For example"),
-    (re.compile(r"(?<![\w.])i\.\s?e\.(?!\w)"), "that is"),
-    (re.compile(r"(?<![\w.])I\.\s?e\.(?!\w)"), "That is"),
-    (re.compile(r"(?<![\w.])(?:vs|VS|Vs)\.?(?!\w)"), "versus"),
-    (re.compile(r"(?<![\w.])approx\.?(?!\w)"), "approximately"),
-    (re.compile(r"(?<![\w.])Approx\.?(?!\w)"), "Approximately"),
-]
-
-_SMALL_NUMBERS = (
-    "zero one two three four five six seven eight nine ten eleven twelve "
-    "thirteen fourteen fifteen sixteen seventeen eighteen nineteen"
-).split()
-_TENS = {2: "twenty", 3: "thirty", 4: "forty", 5: "fifty"}
-
-
-def _number_words(number: int) -> str:
-    """Spell out 0-59 (all that hours and minutes need)."""
-    if number < 20:
-        return _SMALL_NUMBERS[number]
-    tens, ones = divmod(number, 10)
-    return _TENS[tens] + ("-" + _SMALL_NUMBERS[ones] if ones else "")
-
-
-def _say_time(hour: int, minute: int, suffix: str) -> str:
-    """``_say_time(3, 45, "PM")`` -> ``"three forty-five PM"``."""
-    words = _number_words(hour)
-    if minute:
-        words += " " + (
-            _number_words(minute) if minute >= 10 else "oh " + _number_words(minute)
-        )
-    elif not suffix:
-        words += " o'clock"
-    return words + (" " + suffix if suffix else "")
-
-
-def _time_12(match: re.Match[str]) -> str:
-    hour = int(match.group(1))
-    minute = int(match.group(2) or 0)
-    if not 1 <= hour <= 12 or minute > 59:
-        return match.group()
-    return _say_time(hour, minute, match.group(3).upper() + "M")
-
-
-def _time_24(match: re.Match[str]) -> str:
-    hour_text = match.group(1)
-    hour, minute = int(hour_text), int(match.group(2))
-    if hour > 23 or minute > 59:
-        return match.group()
-    if hour == 0 or hour >= 13 or hour_text.startswith("0"):
-        return _say_time(hour % 12 or 12, minute, "AM" if hour < 12 else "PM")
-    return _say_time(hour, minute, "")
-
-
-def _unit_name(unit: str, number: str) -> str:
-    singular, plural = _UNITS[unit]
-    return singular if number == "1" else plural
-
-
-def _per_unit(unit: str | None) -> str:
-    if not unit:
-        return ""
-    return " per " + (_UNITS[unit][0] if unit in _UNITS else unit)
-
-
-def _say_money(
-    symbol: str,
-    whole: str,
-    decimals: str | None,
-    magnitude: str | None,
-    per: str | None,
-) -> str:
-    one, many, cent, cents = _CURRENCIES[symbol]
-    if magnitude:
-        number = whole + ("." + decimals if decimals else "")
-        said = f"{number} {magnitude} {many}"
-    elif decimals is not None and len(decimals) == 2:
-        amount, fraction = int(whole), int(decimals)
-        fraction_said = f"{fraction} {cent if fraction == 1 else cents}"
-        whole_said = f"{whole} {one if amount == 1 else many}"
-        if amount == 0:
-            said = fraction_said
-        elif fraction == 0:
-            said = whole_said
-        else:
-            said = f"{whole_said} and {fraction_said}"
-    else:
-        number = whole + ("." + decimals if decimals else "")
-        said = f"{number} {one if number == '1' else many}"
-    return said + _per_unit(per)
-
-
-def _money_prefix(match: re.Match[str]) -> str:
-    symbol, whole, decimals, magnitude, per = match.groups()
-    return _say_money(symbol, whole, decimals, magnitude, per)
-
-
-def _money_suffix(match: re.Match[str]) -> str:
-    whole, decimals, magnitude, symbol, per = match.groups()
-    return _say_money(symbol, whole, decimals, magnitude, per)
-
-
-def _temperature(match: re.Match[str]) -> str:
-    number, scale, celsius, fahrenheit = match.groups()
-    degrees = "degree" if number == "1" else "degrees"
-    if celsius or (scale and scale in "Cc"):
-        return f"{number} {degrees} Celsius"
-    if fahrenheit or scale:
-        return f"{number} {degrees} Fahrenheit"
-    return f"{number} {degrees}"
-
-
-def _unit(match: re.Match[str]) -> str:
-    number, unit = match.groups()
-    return f"{number} {_unit_name(unit, number)}"
-
-
-def _english(text: str) -> str:
-    """Numbers, units, times, money and abbreviations, for English."""
-    if "," in text:
-        text = _THOUSANDS_RE.sub(lambda m: m.group().replace(",", ""), text)
-    text = _MONEY_PREFIX_RE.sub(_money_prefix, text)
-    text = _MONEY_SUFFIX_RE.sub(_money_suffix, text)
-    if ":" in text:
-        text = _TIME_RANGE_RE.sub(" to ", text)
-    text = _TIME_12_RE.sub(_time_12, text)
-    if ":" in text:
-        text = _TIME_24_RE.sub(_time_24, text)
-    text = _RANGE_RE.sub(r"\1 to \2", text)
-    if "°" in text or "℃" in text or "℉" in text:
-        text = _MINUS_RE.sub("minus ", text)
-        text = _TEMPERATURE_RE.sub(_temperature, text)
-    if "%" in text:
-        text = _PERCENT_RE.sub(r"\1 percent", text)
-    text = _UNIT_RE.sub(_unit, text)
-    for pattern, replacement in _ENGLISH_WORDS:
-        text = pattern.sub(replacement, text)
-    return text
-
 
 # ---------------------------------------------------------------------------
 # Cleaning one unit (one token, or a few that belong together)
@@ -537,10 +247,10 @@ def _clean_unit(unit: str, english: bool) -> str:
         text = _TAG_OR_BRACKET_RE.sub(_tag_or_bracket, text)
     if "(" in text:
         text = _EMPTY_PARENS_RE.sub("", text)
-    if english and _ENGLISH_GATE_RE.search(text):
-        text = _english(text)
+    if english and ENGLISH_GATE_RE.search(text):
+        text = say_english(text)
     elif "*" in text or "×" in text:
-        text = _DIGIT_STAR_RE.sub(" × ", text)
+        text = DIGIT_STAR_RE.sub(" × ", text)
     text = _SYMBOL_RE.sub(_symbol, text)
     text = _PUNCT_RUN_RE.sub(_punct_run, text)
     if "\u200c" in text or "\u200d" in text:
@@ -567,7 +277,7 @@ class _Emitter:
 
     def separator(self, chars: str) -> None:
         for char in chars:
-            if char in _LINE_BREAKS:
+            if char in LINE_BREAKS:
                 if self._last and self._last != "\n":
                     self._out.append("\n")
                     self._last = "\n"
@@ -671,7 +381,7 @@ class _InlineStage:
 
     def _separator(self, separator: str) -> None:
         if self._unit:
-            if "|" not in separator and not _LINE_BREAK_RE.search(separator):
+            if "|" not in separator and not LINE_BREAK_RE.search(separator):
                 self._held_separator = " "  # blanks only: one is as good as many
                 return
             self._finish_unit()
@@ -702,7 +412,7 @@ class _BlockStage:
         while position < length:
             mode = self._mode
             if mode == _CONTENT:
-                match = _LINE_BREAK_RE.search(text, position)
+                match = LINE_BREAK_RE.search(text, position)
                 if match is None:
                     out.append(text[position:])
                     break
@@ -715,13 +425,13 @@ class _BlockStage:
                     self._held.append(text[position:])
                     break
                 end = match.start()
-                if text[end] in _LINE_BREAKS:
+                if text[end] in LINE_BREAKS:
                     out.append(self._end_line(self._take(text[position:end]), True))
                 else:
                     out.append(self._start_line(self._take(text[position : end + 1])))
                 position = end + 1
             elif mode == _FENCE_INFO:
-                match = _LINE_BREAK_RE.search(text, position)
+                match = LINE_BREAK_RE.search(text, position)
                 if match is None:
                     self._held.append(text[position:])
                     break
@@ -735,7 +445,7 @@ class _BlockStage:
                     break
                 end = match.start()
                 line = self._take(text[position:end])
-                if text[end] in _LINE_BREAKS:
+                if text[end] in LINE_BREAKS:
                     if re.fullmatch(
                         rf"[ \t]*{re.escape(self._fence_char)}{{{self._fence_length},}}[ \t]*",
                         line,
@@ -745,7 +455,7 @@ class _BlockStage:
                     self._mode = _FENCE_SKIP
                 position = end + 1
             else:  # _FENCE_SKIP
-                match = _LINE_BREAK_RE.search(text, position)
+                match = LINE_BREAK_RE.search(text, position)
                 if match is None:
                     break
                 position = match.end()

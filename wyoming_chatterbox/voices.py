@@ -1,24 +1,13 @@
-"""The voices folder: reference clips in, voices out.
+"""Voices: the folder of reference clips, and the catalogue a backend offers.
 
-Every clip directly in the folder (wav, flac, mp3, ogg) is a voice named after
-its file stem, sanitised to lower-case letters, digits, `-` and `_`. Optional
-settings per voice come from a sidecar `NAME.json` next to the clip, or from one
-`voices.yaml` (or `voices.json`) mapping names to settings:
+`VoiceLibrary` reads the folder (clips named after their files, optional
+settings in NAME.json or voices.yaml; nothing outside the folder is read);
+`VoiceCatalogue` turns its clips and the model's built-in voice into the Info
+list and resolves a request's voice name; `check_clip` refuses undecodable or
+silent audio. Computing a voice's conditionals is the backend's job, on the
+engine's worker thread; nothing here imports torch.
 
-    alice:
-      description: Alice, warm and calm
-      languages: [en, de]
-      temperature: 0.7
-      exaggeration: 0.6
-
-A scan only lists the folder and reads file headers (`stat` plus the audio
-header for the duration), so it is cheap enough to run on every Describe: a new
-clip appears, a changed clip is noticed by its size and modification time, a
-deleted clip disappears. Decoding clips and computing conditionals is the
-backend's job, on the engine's worker thread.
-
-Nothing outside the folder is read: subfolders are not entered, hidden files are
-skipped, and a symbolic link is followed only when it stays inside the folder.
+Long (~490 lines): the folder and the catalogue change together.
 """
 
 import json
@@ -28,9 +17,12 @@ import re
 import unicodedata
 from dataclasses import dataclass, field, fields
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Set, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Set, Tuple
 
-from .engine import SamplingParams
+import numpy as np
+
+from .settings import BUILTIN_VOICE
+from .speech import ResolvedVoice, SamplingParams, UnknownVoice, VoiceInfo
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -173,6 +165,7 @@ class VoiceLibrary:
             return False
         return resolved.parent == self._root
 
+    # Long: one pass over the folder, each refusal named where it happens.
     def scan(self) -> Dict[str, VoiceClip]:
         """The usable clips by voice name, after a fresh look at the folder."""
         try:
@@ -247,11 +240,6 @@ class VoiceLibrary:
         self._clips = clips
         return dict(clips)
 
-    @property
-    def clips(self) -> Dict[str, VoiceClip]:
-        """The clips found by the last scan."""
-        return dict(self._clips)
-
     def _duration(self, path: Path, signature: Tuple[int, int]) -> Optional[float]:
         """Length in seconds from the header, remembered per file version."""
         seen = self._seen.get(path)
@@ -319,3 +307,183 @@ def _signature_of(entry: os.DirEntry) -> Tuple[int, int]:
     except OSError:
         return (0, 0)
     return (stat.st_size, stat.st_mtime_ns)
+
+
+# A clip whose loudest sample is below this is silence (-54 dBFS).
+SILENT_PEAK = 0.002
+
+
+class VoiceError(Exception):
+    """A reference clip cannot be used; the text says why."""
+
+
+def check_clip(path: Path) -> None:
+    """Decode the clip once: raise VoiceError if it is undecodable or silent."""
+    import soundfile  # pylint: disable=import-outside-toplevel
+
+    try:
+        audio, _ = soundfile.read(str(path), dtype="float32", always_2d=True)
+    except Exception as err:  # pylint: disable=broad-except
+        raise VoiceError(f"it cannot be decoded ({err})") from err
+    if audio.size == 0 or not np.isfinite(audio).all():
+        raise VoiceError("it holds no usable samples")
+    peak = float(np.abs(audio).max())
+    if peak < SILENT_PEAK:
+        raise VoiceError(
+            f"it is silent (loudest sample {20 * np.log10(max(peak, 1e-9)):.0f} "
+            "dBFS)"
+        )
+
+
+class Languages:
+    """The languages a model speaks, and how its voices are listed in Info.
+
+    A model that speaks one language lists each voice by its name; one that
+    speaks several lists each voice once per language, as VOICE@LANGUAGE
+    (Home Assistant sends only a voice name, never the pipeline's language).
+    """
+
+    def __init__(self, model_name: str, names: Mapping[str, str]) -> None:
+        self.model_name = model_name
+        self.names = dict(names)  # code -> name, in advertising order
+        self._warned: Set[str] = set()
+
+    @property
+    def per_language(self) -> bool:
+        return len(self.names) > 1
+
+    def code(self, tag: str) -> Optional[str]:
+        """The model's code for a language tag ("de", "de-DE", "de_DE"), or None
+        when the model does not speak it."""
+        primary = re.split(r"[-_]", tag.strip(), maxsplit=1)[0].lower()
+        return primary if primary in self.names else None
+
+    def for_voice(self, wanted: Optional[Sequence[str]]) -> List[str]:
+        """The languages a voice is offered in: those of its settings that the
+        model speaks (each unknown one warned about once), else all."""
+        if not wanted:
+            return list(self.names)
+        codes: List[str] = []
+        for tag in wanted:
+            code = self.code(tag)
+            if code is None:
+                self.warn_once(
+                    "%s does not speak %r; it speaks %s",
+                    self.model_name,
+                    tag,
+                    ", ".join(self.names),
+                )
+            elif code not in codes:
+                codes.append(code)
+        return codes or list(self.names)
+
+    def entry(self, voice: str, language: str) -> str:
+        """The name a voice has in Info for one of its languages."""
+        return f"{voice}@{language}" if self.per_language else voice
+
+    def warn_once(self, message: str, *args: Any) -> None:
+        """Log a warning about settings once, not on every Describe."""
+        text = message % args
+        if text not in self._warned:
+            self._warned.add(text)
+            _LOGGER.warning("%s", text)
+
+
+class VoiceCatalogue:
+    """The voices a backend offers: its built-in voice and the folder's clips.
+
+    `voices()` (every Describe) rescans the folder; `resolve()` maps a request's
+    name to a voice and language. Both run on the event loop; `mark_broken`
+    and `mark_usable` come from the worker thread.
+    """
+
+    def __init__(self, languages: Languages, voices_dir: Optional[Path]) -> None:
+        self.languages = languages
+        self.library = (
+            VoiceLibrary(voices_dir, reserved=(BUILTIN_VOICE,))
+            if voices_dir is not None
+            else None
+        )
+        self.clips: Dict[str, VoiceClip] = {}
+        # Clips found unusable, by name -> the signature they had then.
+        self._broken: Dict[str, Tuple[int, int]] = {}
+        self._advertised: Dict[str, Tuple[str, str]] = {}  # entry -> (voice, lang)
+
+    def scan(self) -> Dict[str, VoiceClip]:
+        """Look at the folder again; the clips by voice name."""
+        if self.library is not None:
+            self.clips = self.library.scan()
+        return self.clips
+
+    def is_broken(self, name: str, clip: VoiceClip) -> bool:
+        return self._broken.get(name) == clip.signature
+
+    def mark_broken(self, name: str, clip: VoiceClip) -> None:
+        self._broken[name] = clip.signature
+
+    def mark_usable(self, name: str) -> None:
+        self._broken.pop(name, None)
+
+    def voices(self) -> List[VoiceInfo]:
+        """Every voice, in every language it speaks; rescans the folder."""
+        model_name = self.languages.model_name
+        bases: List[Tuple[str, str, Optional[Sequence[str]]]] = [
+            (BUILTIN_VOICE, f"{model_name} built-in voice", None)
+        ]
+        for name, clip in sorted(self.scan().items()):
+            if self.is_broken(name, clip):
+                continue
+            description = clip.settings.description or name.replace("_", " ").title()
+            bases.append((name, description, clip.settings.languages))
+        entries: List[VoiceInfo] = []
+        advertised: Dict[str, Tuple[str, str]] = {}
+        for name, description, wanted in bases:
+            languages = self.languages.for_voice(wanted)
+            for language in languages:
+                entry = self.languages.entry(name, language)
+                advertised[entry] = (name, language)
+                if entry != name:
+                    language_name = self.languages.names[language]
+                    info = VoiceInfo(
+                        entry, f"{description} ({language_name})", [language]
+                    )
+                else:
+                    info = VoiceInfo(entry, description, languages)
+                entries.append(info)
+        self._advertised = advertised
+        return entries
+
+    def resolve(self, name: str, language: Optional[str]) -> ResolvedVoice:
+        """The voice a request names (an Info entry, or a voice's plain name)
+        in the language it asks for if the voice speaks it; UnknownVoice if
+        there is no such voice."""
+        found = self._advertised.get(name)
+        if found is None:
+            self.voices()  # a clip added since the last Describe
+            found = self._advertised.get(name)
+        if found is None:
+            # A voice's plain name, when it is listed once per language.
+            found = next(
+                (pair for pair in self._advertised.values() if pair[0] == name), None
+            )
+        if found is None:
+            raise UnknownVoice(
+                f"Unknown voice {name!r}; available voices: "
+                + ", ".join(self._advertised)
+            )
+        voice, voice_language = found
+        if language:
+            code = self.languages.code(language) or language
+            spoken = {lang for v, lang in self._advertised.values() if v == voice}
+            if code in spoken:
+                voice_language = code
+            else:
+                _LOGGER.debug(
+                    "Voice %s does not speak %r; using %s",
+                    voice,
+                    language,
+                    voice_language,
+                )
+        clip = self.clips.get(voice)
+        params = dict(clip.settings.params) if clip is not None else {}
+        return ResolvedVoice(voice, voice_language, params)

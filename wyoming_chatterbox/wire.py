@@ -1,27 +1,9 @@
-"""What one client may make the server do: reading events with caps, idle time.
+"""Reading Wyoming events with caps, and the time a connection may stay idle.
 
-A Wyoming server on a LAN reads whatever any device sends. wyoming's own
-`async_read_event` trusts the header: `payload_length` 10**12 makes it wait for (and
-buffer) a terabyte, a header that is not a JSON object ends the connection task
-with an exception, and a client that connects and says nothing holds its socket
-forever. Here every length is checked before anything is read, nothing larger than
-the caps is ever buffered, and what is refused raises ProtocolViolation, whose
-message and code the handler sends back as an `error` event before it closes.
-
-The caps:
-
-- header line, 64 KiB: asyncio's default StreamReader limit, so the most that
-  wyoming's own reader (readline) ever accepted; a header as wyoming writes it is
-  about 100 bytes (type, version, data_length, payload_length).
-- extra data, 1 MiB (more if a larger text limit asks for it, see `data_cap`): the
-  text of a reply travels here, and a text of the longest allowed reply must get
-  through in any JSON spelling (an emoji written as two \\u escapes is 12 bytes
-  for one character), so that a too-long text is refused with the clearer
-  "text-too-long", naming the text limit, rather than with "too-large".
-- payload, 1 MiB: a TTS server needs no payload from a client at all (audio
-  chunks a client may send are ignored); Wyoming audio chunks are a few KiB.
-- text of one reply, DEFAULT_MAX_TEXT_CHARS characters, and replies waiting on
-  one connection, MAX_REPLIES_PER_CONNECTION: see there.
+Every length a client's header announces is checked before anything is read,
+nothing larger than the caps is ever buffered, and what is refused raises
+ProtocolViolation (its message and code become an `error` event). docs/design.md
+says why each cap is what it is.
 """
 
 import asyncio
@@ -35,19 +17,6 @@ from wyoming.event import Event
 MAX_HEADER_BYTES = 64 * 1024
 MAX_DATA_BYTES = 1024 * 1024
 MAX_PAYLOAD_BYTES = 1024 * 1024
-
-# Speech runs at about 15 characters a second (150 words a minute), so 20,000
-# characters are some 20 minutes of audio, and as long for the one model worker.
-# Home Assistant's notifications and announcements are a sentence or two, and an
-# LLM's spoken reply a few hundred to about 2,000 characters: ten times the
-# longest real reply, while a single request cannot keep the model busy for hours.
-DEFAULT_MAX_TEXT_CHARS = 20_000
-
-# Seconds without a complete event, while no reply is in progress, after which a
-# connection is closed; and seconds a client may leave its audio unread. Home
-# Assistant opens a connection per request, sends it at once and reads the audio
-# as it comes; what stays silent or stalled this long is a dead peer or a probe.
-DEFAULT_IDLE_TIMEOUT = 60.0
 
 # Replies queued on one connection (each spoken after the one before). Home
 # Assistant sends one per connection; without a bound, a client pipelining
@@ -88,20 +57,6 @@ class ProtocolViolation(Exception):
             self.code = code
 
 
-class TextTooLong(ProtocolViolation):
-    """A reply's text went over the server's limit (counted as it arrives)."""
-
-    code = "text-too-long"
-
-    def __init__(self, chars: int, limit: int) -> None:
-        super().__init__(
-            f"Text too long: this reply has {chars} characters and the limit is "
-            f"{limit} characters per reply; send a shorter text"
-        )
-        self.chars = chars
-        self.limit = limit
-
-
 class IdleTimeout(Exception):
     """No event came for the idle timeout while the connection had nothing to do."""
 
@@ -110,12 +65,6 @@ class IdleTimeout(Exception):
             f"No event for {seconds:g} seconds while idle: closing the connection"
         )
         self.seconds = seconds
-
-
-def check_text_length(chars: int, limit: Optional[int]) -> None:
-    """Raise TextTooLong if a reply of `chars` characters is over `limit`."""
-    if limit is not None and chars > limit:
-        raise TextTooLong(chars, limit)
 
 
 def data_cap(max_text_chars: Optional[int]) -> int:

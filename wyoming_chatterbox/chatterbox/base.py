@@ -1,64 +1,67 @@
-"""What the Chatterbox models share as SpeechBackends: voices and their cost.
+"""What the Chatterbox backends share: loading, voices' conditionals, constants.
 
-A voice is the built-in one of the model, or a reference clip from the voices
-folder. A clip's conditionals (speaker embedding, prompt tokens, S3Gen reference)
-are computed once, on the engine's worker thread, and kept on disk under
-`DATA_DIR/voices/MODEL_ID/SHA256.pt`: keyed by the clip's content and by the
-model files that computed them, so a restart loads them in milliseconds, a
-changed clip is recomputed and another model never reads them.
+`ChatterboxBackend` speaks a job in three steps: the voice's conditionals (the
+built-in voice, or a clip's, computed once on the worker thread and cached on
+disk under DATA_DIR/voices/MODEL_ID/SHA256.pt, keyed by the clip's content and
+the model files), the token budget for the text, then the subclass's `_speak`,
+which yields the audio and fills in the group's GroupStats. Subclasses also
+load their model (`_load_model`) and compute a clip's conditionals
+(`_compute_conditionals`). Worker thread only, but for `voices` and
+`resolve_voice` (the catalogue, on the event loop).
 
-New clips found by a rescan (every Describe) are listed at once and prepared in
-the background when the worker is idle; a request that comes first prepares its
-voice itself. A clip that turns out unusable (silent, undecodable) is logged
-once and left out until the file changes.
-
-Subclasses load a model and speak with it: `_load_model`, `_compute_conditionals`
-and `_speak`, all called on the worker thread only.
+Long (~480 lines): the one template every model backend shares.
 """
 
+import contextlib
+import dataclasses
 import hashlib
+import io
 import logging
 import os
 import re
 import tempfile
+import threading
 import time
 from abc import abstractmethod
+from collections import deque
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Set, Tuple
+from typing import (
+    Any,
+    Deque,
+    Dict,
+    Generator,
+    Iterator,
+    List,
+    Optional,
+    Sequence,
+    Tuple,
+)
 
-import numpy as np
-
-from .engine import (
+from ..settings import BUILTIN_VOICE, ModelSettings
+from ..speech import (
+    GroupStats,
     ModelLoadError,
     Piece,
     ResolvedVoice,
-    SamplingParams,
     SpeechBackend,
-    UnknownVoice,
+    SpeechJob,
     VoiceInfo,
 )
-from .voices import VoiceClip, VoiceLibrary
+from ..text import SYLLABIC_RE
+from ..voices import Languages, VoiceCatalogue, VoiceClip, VoiceError, check_clip
 
 _LOGGER = logging.getLogger(__name__)
 
-BUILTIN_VOICE = "default"
-SAMPLE_RATE = 24000
 # T3's own cap (range(1000) upstream): about 40 s of speech per group.
 MAX_SPEECH_TOKENS = 1000
 # Speech-token ids at or above this are special to S3Gen (start 6561, stop 6562).
 SPEECH_VOCAB_REAL = 6561
 SPEECH_TOKENS_PER_SECOND = 25
-# A clip whose loudest sample is below this is silence (-54 dBFS).
-SILENT_PEAK = 0.002
+# S3Gen makes 960 samples (40 ms at 24 kHz) per speech token.
+SAMPLES_PER_TOKEN = 960
 _PARALINGUISTIC = re.compile(r"\[[a-z ]+\]")
-# Scripts in which one character is a syllable or more.
-_DENSE_SCRIPT = re.compile(
-    r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uac00-\ud7af\uf900-\ufaff]"
-)
-
-
-class VoiceError(Exception):
-    """A reference clip cannot be used; the text says why."""
+# from_local builds T3 from a shared config table; loads swap an entry in it.
+_CONFIG_LOCK = threading.Lock()
 
 
 def speech_token_budget(text: str) -> int:
@@ -72,7 +75,7 @@ def speech_token_budget(text: str) -> int:
     """
     tags = _PARALINGUISTIC.findall(text)
     plain = _PARALINGUISTIC.sub("", text)
-    dense = len(_DENSE_SCRIPT.findall(plain))
+    dense = len(SYLLABIC_RE.findall(plain))
     weight = len(plain) + 4 * dense
     budget = SPEECH_TOKENS_PER_SECOND * (1 + len(tags) * 2) + 4 * weight
     return min(MAX_SPEECH_TOKENS, budget)
@@ -107,6 +110,16 @@ def resolve_device(requested: str) -> str:
     )
 
 
+def check_model_files(ckpt_dir: Path, files: Sequence[str], model: str) -> None:
+    """ModelLoadError naming the files of `files` missing from the folder."""
+    missing = [name for name in files if not (ckpt_dir / name).is_file()]
+    if missing:
+        raise ModelLoadError(
+            f"The model folder {ckpt_dir} lacks {', '.join(missing)}; point "
+            f"--model-dir at a complete copy of {model}."
+        )
+
+
 def model_fingerprint(ckpt_dir: Path, files: Sequence[str]) -> str:
     """A short identity of a model's files: names, sizes and their first and last
     MiB (not the whole gigabytes, which would take seconds to hash)."""
@@ -127,48 +140,76 @@ def model_fingerprint(ckpt_dir: Path, files: Sequence[str]) -> str:
     return digest.hexdigest()[:16]
 
 
+@contextlib.contextmanager
+def llama_config_as(name: str, size: Dict[str, Any], where: Path) -> Iterator[None]:
+    """While loading, make chatterbox's LLAMA_CONFIGS[name] the T3 size read
+    from the weights in `where` (from_local always builds the released size;
+    a random-weight test checkpoint holds a smaller T3). The shared table is
+    changed only for the load, under a lock."""
+    from chatterbox.models.t3.llama_configs import LLAMA_CONFIGS
+
+    with _CONFIG_LOCK:
+        released = LLAMA_CONFIGS[name]
+        if all(released.get(key) == value for key, value in size.items()):
+            yield
+            return
+        _LOGGER.warning(
+            "T3 in %s is not the released size (%s layers, width %s): "
+            "this is a test checkpoint and will not speak words",
+            where,
+            size.get("n_layer", size.get("num_hidden_layers")),
+            size.get("n_embd", size.get("hidden_size")),
+        )
+        LLAMA_CONFIGS[name] = dict(released, **size)
+        try:
+            yield
+        finally:
+            LLAMA_CONFIGS[name] = released
+
+
+@contextlib.contextmanager
+def quiet(what: str = "chatterbox") -> Iterator[None]:
+    """Keep what the library print()s out of stdout (the stdio:// protocol)
+    and out of the INFO log; it goes to the DEBUG log."""
+    printed = io.StringIO()
+    try:
+        with contextlib.redirect_stdout(printed):
+            yield
+    finally:
+        if printed.getvalue().strip():
+            _LOGGER.debug("%s said: %s", what, printed.getvalue().strip())
+
+
 class ChatterboxBackend(SpeechBackend):
     """A Chatterbox model on one device, with the built-in voice and the clips of
     a voices folder."""
 
-    sample_rate = SAMPLE_RATE
     # Set by subclasses.
     kind = ""  # short id, part of the conditionals cache key
     model_name = ""
-    model_files: Sequence[str] = ()
+    repo_id = ""  # the Hugging Face repository, for messages
+    model_files: Sequence[str] = ()  # what the model folder must hold
     languages: Dict[str, str] = {}  # code -> name, in advertising order
 
-    def __init__(
-        self,
-        model_dir: Optional[Path],
-        data_dir: Path,
-        device: str = "auto",
-        voices_dir: Optional[Path] = None,
-    ) -> None:
-        self._model_dir = model_dir
-        self._data_dir = data_dir
-        self._device_request = device
+    def __init__(self, settings: ModelSettings) -> None:
+        self.settings = settings
         self.device = "cpu"
-        self._model: Any = None
-        self._model_id = ""
-        self._library = (
-            VoiceLibrary(voices_dir, reserved=(BUILTIN_VOICE,))
-            if voices_dir is not None
-            else None
-        )
+        self.model: Any = None
+        self.model_id = ""
+        self.catalogue = VoiceCatalogue(self._make_languages(), settings.voices_dir)
         # Worker thread only: name -> (clip signature or None, conditionals).
-        self._conds: Dict[str, Tuple[Optional[Tuple[int, int]], Any]] = {}
-        # Written by the worker, read by the event loop: name -> clip signature.
-        self._broken: Dict[str, Tuple[int, int]] = {}
-        self._advertised: Dict[str, Tuple[str, str]] = {}  # entry -> (voice, lang)
-        self._warned: Set[str] = set()
-        self._clips: Dict[str, VoiceClip] = {}
+        self.conds: Dict[str, Tuple[Optional[Tuple[int, int]], Any]] = {}
+        # One record per sentence group, for script/bench and the debug log.
+        self.group_stats: Deque[GroupStats] = deque(maxlen=1000)
 
     # --- for subclasses (worker thread) ---
 
+    def _make_languages(self) -> Languages:
+        return Languages(self.model_name, self.languages)
+
     @abstractmethod
     def _find_model(self) -> Path:
-        """The model folder: --model-dir, or the cached download."""
+        """The model folder: the cached download (fetched if need be)."""
 
     @abstractmethod
     def _load_model(self, ckpt_dir: Path) -> Any:
@@ -178,47 +219,23 @@ class ChatterboxBackend(SpeechBackend):
     def _compute_conditionals(self, clip: Path) -> Any:
         """Conditionals for a reference clip (decoded by the model's own code)."""
 
+    @abstractmethod
+    def _speak(
+        self, job: SpeechJob, conds: Any, stats: GroupStats
+    ) -> Generator[Piece, None, None]:
+        """The group's audio (and NOTHING_YET between model steps), within the
+        job's budget (its token limits set); fills in `stats` as it goes."""
+
     def _ready_conditionals(self, conds: Any) -> Any:
         """Precompute what calls would otherwise cache into the conditionals."""
         return conds
 
-    @abstractmethod
-    def _speak(
-        self,
-        text: str,
-        conds: Any,
-        language: str,
-        params: SamplingParams,
-        should_stop: Callable[[], bool],
-        max_tokens: int,
-    ) -> Tuple[np.ndarray, int, bool]:
-        """Audio, speech tokens and whether `max_tokens` cut it short."""
+    def _load_cached(self, path: Path) -> Any:
+        from chatterbox.tts_turbo import Conditionals
 
-    def _speak_pieces(
-        self,
-        text: str,
-        conds: Any,
-        language: str,
-        params: SamplingParams,
-        should_stop: Callable[[], bool],
-        min_tokens: int,
-        max_tokens: int,
-        whole: bool = False,
-    ) -> Iterator[Piece]:
-        """The group's audio in pieces; by default one piece from `_speak`.
+        return Conditionals.load(path, map_location=self.device).to(self.device)
 
-        A subclass that makes audio while the model is still generating yields
-        each piece as soon as it is ready, unless `whole` (nobody listens
-        before the end: one piece is less work).
-        """
-        audio, tokens, cut = self._speak(
-            text, conds, language, params, should_stop, max_tokens
-        )
-        if cut:
-            self._log_runaway(text, tokens)
-        yield Piece(audio=audio.astype(np.float32, copy=False), tokens=tokens)
-
-    def _token_range(self, text: str) -> Tuple[int, int]:
+    def token_range(self, text: str) -> Tuple[int, int]:
         """The fewest and the most speech tokens a group's text may take.
 
         The model decides the length; only a runaway is cut, at the budget. A
@@ -226,47 +243,15 @@ class ChatterboxBackend(SpeechBackend):
         """
         return 0, speech_token_budget(text)
 
-    def _log_runaway(self, text: str, tokens: int) -> None:
-        _LOGGER.warning(
-            "Stopped a runaway generation at %s speech tokens (%.1f s) for %s "
-            "characters: %r",
-            tokens,
-            tokens / SPEECH_TOKENS_PER_SECOND,
-            len(text),
-            text[:80],
-        )
-
-    def _warn_once(self, message: str, *args: Any) -> None:
-        """Log a warning about settings once, not on every Describe."""
-        text = message % args
-        if text not in self._warned:
-            self._warned.add(text)
-            _LOGGER.warning("%s", text)
-
-    def _voice_languages(self, wanted: Optional[Sequence[str]]) -> List[str]:
-        """The languages a voice is offered in (the sidecar's, if it says)."""
-        return list(self.languages)
-
-    def _entry_name(self, voice: str, language: str) -> str:
-        """The name a voice has in Info for one of its languages."""
-        return voice
-
     # --- SpeechBackend ---
 
     def load(self) -> None:
-        import torch
-
         started = time.monotonic()
-        self.device = resolve_device(self._device_request)
-        ckpt_dir = self._model_dir or self._find_model()
-        missing = [n for n in self.model_files if not (ckpt_dir / n).is_file()]
-        if missing:
-            raise ModelLoadError(
-                f"The model folder {ckpt_dir} lacks {', '.join(missing)}; point "
-                f"--model-dir at a complete copy of the {self.model_name} model."
-            )
+        self.device = resolve_device(self.settings.device)
+        ckpt_dir = self.settings.model_dir or self._find_model()
+        check_model_files(ckpt_dir, self.model_files, self.repo_id or self.model_name)
         try:
-            self._model = self._load_model(ckpt_dir)
+            self.model = self._load_model(ckpt_dir)
         except ModelLoadError:
             raise
         except Exception as err:
@@ -275,22 +260,17 @@ class ChatterboxBackend(SpeechBackend):
                 f"({type(err).__name__}: {err}); the files may be damaged: delete "
                 "them to download again, or use another --model-dir."
             ) from err
-
-        conds = self._model.conds
+        conds = self.model.conds
         if conds is None:
             raise ModelLoadError(
                 f"The model folder {ckpt_dir} has no conds.pt (the built-in voice); "
                 f"use a complete copy of the {self.model_name} model."
             )
         # Nothing reads the shared model.conds: every call passes its voice's own.
-        self._model.conds = None
-        self._conds[BUILTIN_VOICE] = (None, self._ready_conditionals(conds))
-        self._model_id = f"{self.kind}-{model_fingerprint(ckpt_dir, self.model_files)}"
-
-        if self.device.startswith("cuda"):
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        self.model.conds = None
+        self.conds[BUILTIN_VOICE] = (None, self._ready_conditionals(conds))
+        self.model_id = f"{self.kind}-{model_fingerprint(ckpt_dir, self.model_files)}"
+        self._set_backend_flags()
         _LOGGER.info(
             "Loaded %s from %s on %s in %.1f s",
             self.model_name,
@@ -298,133 +278,87 @@ class ChatterboxBackend(SpeechBackend):
             self.device,
             time.monotonic() - started,
         )
-        if self._library is not None:
-            started = time.monotonic()
-            self._clips = self._library.scan()
-            while self.background_work():
-                pass
-            ready = sum(1 for name in self._clips if name in self._conds)
-            _LOGGER.info(
-                "Voices folder %s: %s voice(s) ready in %.1f s",
-                self._library.directory,
-                ready,
-                time.monotonic() - started,
-            )
+        self._prepare_voices()
+
+    def _set_backend_flags(self) -> None:
+        """PyTorch's global switches for this device."""
+        import torch
+
+        if self.device.startswith("cuda"):
+            torch.backends.cudnn.benchmark = True
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+
+    def _prepare_voices(self) -> None:
+        library = self.catalogue.library
+        if library is None:
+            return
+        started = time.monotonic()
+        clips = self.catalogue.scan()
+        while self.background_work():
+            pass
+        ready = sum(1 for name in clips if name in self.conds)
+        _LOGGER.info(
+            "Voices folder %s: %s voice(s) ready in %.1f s",
+            library.directory,
+            ready,
+            time.monotonic() - started,
+        )
 
     def voices(self) -> List[VoiceInfo]:
-        """Every voice, in every language it speaks; rescans the voices folder."""
-        if self._library is not None:
-            self._clips = self._library.scan()
-        broken = dict(self._broken)
-        entries: List[VoiceInfo] = []
-        advertised: Dict[str, Tuple[str, str]] = {}
-        bases: List[Tuple[str, str, Optional[Sequence[str]]]] = [
-            (BUILTIN_VOICE, f"{self.model_name} built-in voice", None)
-        ]
-        for name, clip in sorted(self._clips.items()):
-            if broken.get(name) == clip.signature:
-                continue
-            description = clip.settings.description or name.replace("_", " ").title()
-            bases.append((name, description, clip.settings.languages))
-        for name, description, wanted in bases:
-            languages = self._voice_languages(wanted)
-            for language in languages:
-                entry = self._entry_name(name, language)
-                advertised[entry] = (name, language)
-                entries.append(
-                    VoiceInfo(
-                        name=entry,
-                        description=(
-                            description
-                            if entry == name
-                            else f"{description} ({self.languages[language]})"
-                        ),
-                        languages=[language] if entry != name else languages,
-                    )
-                )
-        self._advertised = advertised
-        return entries
+        return self.catalogue.voices()
 
     def resolve_voice(self, name: str, language: Optional[str]) -> ResolvedVoice:
-        found = self._advertised.get(name)
-        if found is None:
-            self.voices()  # a clip added since the last Describe
-            found = self._advertised.get(name)
-        if found is None:
-            # A voice's plain name, when it is listed once per language.
-            for voice, lang in self._advertised.values():
-                if voice == name:
-                    found = (voice, lang)
-                    break
-        if found is None:
-            raise UnknownVoice(
-                f"Unknown voice {name!r}; available voices: "
-                + ", ".join(self._advertised)
-            )
-        voice, voice_language = found
-        if language:
-            code = self._language_code(language)
-            spoken = {lang for v, lang in self._advertised.values() if v == voice}
-            if code in spoken:
-                voice_language = code
-            else:
-                _LOGGER.debug(
-                    "Voice %s does not speak %r; using %s",
-                    voice,
-                    language,
-                    voice_language,
-                )
-        clip = self._clips.get(voice)
-        params = dict(clip.settings.params) if clip is not None else {}
-        return ResolvedVoice(voice, voice_language, params)
+        return self.catalogue.resolve(name, language)
 
-    def _language_code(self, language: str) -> str:
-        return re.split(r"[-_]", language.strip(), maxsplit=1)[0].lower()
-
-    def synthesize(
-        self,
-        text: str,
-        voice: str,
-        language: str,
-        params: SamplingParams,
-        should_stop: Callable[[], bool],
-    ) -> Iterator[Piece]:
-        return self._synthesize(text, voice, language, params, should_stop, False)
-
-    def synthesize_whole(
-        self,
-        text: str,
-        voice: str,
-        language: str,
-        params: SamplingParams,
-        should_stop: Callable[[], bool],
-    ) -> Iterator[Piece]:
-        return self._synthesize(text, voice, language, params, should_stop, True)
-
-    def _synthesize(
-        self,
-        text: str,
-        voice: str,
-        language: str,
-        params: SamplingParams,
-        should_stop: Callable[[], bool],
-        whole: bool,
-    ) -> Iterator[Piece]:
-        text = text.strip()
+    def speak(self, job: SpeechJob) -> Iterator[Piece]:
+        text = job.text.strip()
         if not text:
             return
-        conds = self._conditionals_for(voice)
-        min_tokens, max_tokens = self._token_range(text)
-        yield from self._speak_pieces(
-            text, conds, language, params, should_stop, min_tokens, max_tokens, whole
+        conds = self._conditionals_for(job.voice)
+        low, high = self.token_range(text)
+        budget = dataclasses.replace(job.budget, min_tokens=low, max_tokens=high)
+        job = dataclasses.replace(job, text=text, budget=budget)
+        stats = GroupStats(chars=len(text))
+        started = time.monotonic()
+        pieces = self._speak(job, conds, stats)
+        try:
+            for piece in pieces:
+                if piece.audio.size:
+                    if stats.first_piece_s is None:
+                        stats.first_piece_s = time.monotonic() - started
+                    stats.pieces += 1
+                yield piece
+        finally:
+            pieces.close()
+        stats.total_s = time.monotonic() - started
+        self.group_stats.append(stats)
+        if stats.cut and low < high:  # not a forced length
+            _LOGGER.warning(
+                "Stopped a runaway generation at %s speech tokens (%.1f s) for %s "
+                "characters: %r",
+                stats.tokens,
+                stats.tokens / SPEECH_TOKENS_PER_SECOND,
+                len(text),
+                text[:80],
+            )
+        _LOGGER.debug(
+            "Group of %s chars: %s speech tokens (%.1f ms each), %s pieces, "
+            "first after %.0f ms, all in %.2f s",
+            len(text),
+            stats.tokens,
+            stats.ms_per_token or 0.0,
+            stats.pieces,
+            1000 * (stats.first_piece_s or 0.0),
+            stats.total_s,
         )
 
     def background_work(self) -> bool:
         """Prepare one voice found by a rescan; True if more may be waiting."""
-        for name, clip in sorted(self._clips.items()):
-            if self._broken.get(name) == clip.signature:
+        for name, clip in sorted(self.catalogue.clips.items()):
+            if self.catalogue.is_broken(name, clip):
                 continue
-            known = self._conds.get(name)
+            known = self.conds.get(name)
             if known is not None and known[0] == clip.signature:
                 continue
             try:
@@ -433,31 +367,27 @@ class ChatterboxBackend(SpeechBackend):
                 pass
             return True
         # Forget voices whose clip is gone.
-        for name in [n for n in self._conds if n != BUILTIN_VOICE]:
-            if name not in self._clips:
-                del self._conds[name]
+        for name in [n for n in self.conds if n != BUILTIN_VOICE]:
+            if name not in self.catalogue.clips:
+                del self.conds[name]
         return False
 
     def warm_up(self) -> None:
         """Speak a short sentence once: the first real request then finds the
         kernels chosen, the caches allocated and the code paths compiled."""
-        import torch
-
         started = time.monotonic()
         language = next(iter(self.languages), "en")
-        for _ in self.synthesize(
-            "Hello, this is a warm-up.",
-            BUILTIN_VOICE,
-            language,
-            self.default_params,
-            lambda: False,
-        ):
+        job = SpeechJob("Hello, this is a warm-up.", BUILTIN_VOICE, language)
+        for _ in self.speak(dataclasses.replace(job, params=self.default_params)):
             pass
-        if self.device.startswith("cuda"):
+        memory = self.gpu_memory()
+        if memory is not None:
+            import torch
+
             _LOGGER.info(
                 "Warmed up in %.1f s; GPU memory in use: %.2f GB (peak %.2f GB)",
                 time.monotonic() - started,
-                torch.cuda.memory_allocated(self.device) / 1e9,
+                memory / 1e9,
                 torch.cuda.max_memory_allocated(self.device) / 1e9,
             )
         else:
@@ -476,8 +406,8 @@ class ChatterboxBackend(SpeechBackend):
 
         import torch
 
-        self._model = None
-        self._conds.clear()
+        self.model = None
+        self.conds.clear()
         gc.collect()  # the model's tensors may sit in reference cycles
         if self.device.startswith("cuda"):
             torch.cuda.empty_cache()
@@ -490,21 +420,21 @@ class ChatterboxBackend(SpeechBackend):
 
     def _conditionals_for(self, voice: str) -> Any:
         if voice == BUILTIN_VOICE:
-            return self._conds[BUILTIN_VOICE][1]
-        clip = self._clips.get(voice)
+            return self.conds[BUILTIN_VOICE][1]
+        clip = self.catalogue.clips.get(voice)
         if clip is None:
             raise VoiceError(f"The voice {voice} is gone from the voices folder")
-        known = self._conds.get(voice)
+        known = self.conds.get(voice)
         if known is not None and known[0] == clip.signature:
             return known[1]
         try:
             conds = self._ready_conditionals(self._clip_conditionals(clip))
         except VoiceError as err:
-            self._broken[voice] = clip.signature
+            self.catalogue.mark_broken(voice, clip)
             _LOGGER.warning("Voice clip %s left out: %s", clip.path, err)
             raise VoiceError(f"The voice {voice} cannot be used: {err}") from err
-        self._conds[voice] = (clip.signature, conds)
-        self._broken.pop(voice, None)
+        self.conds[voice] = (clip.signature, conds)
+        self.catalogue.mark_usable(voice)
         return conds
 
     def _clip_conditionals(self, clip: VoiceClip) -> Any:
@@ -514,7 +444,7 @@ class ChatterboxBackend(SpeechBackend):
         except OSError as err:
             raise VoiceError(f"it cannot be read ({err})") from err
         digest = hashlib.sha256(content).hexdigest()
-        cache = self._data_dir / "voices" / self._model_id / f"{digest}.pt"
+        cache = self.settings.data_dir / "voices" / self.model_id / f"{digest}.pt"
         if cache.is_file():
             try:
                 conds = self._load_cached(cache)
@@ -523,7 +453,7 @@ class ChatterboxBackend(SpeechBackend):
             except Exception as err:  # pylint: disable=broad-except
                 _LOGGER.warning("Recomputing voice %s: bad cache (%s)", clip.name, err)
 
-        self._check_clip(clip)
+        check_clip(clip.path)
         started = time.monotonic()
         try:
             conds = self._compute_conditionals(clip.path)
@@ -539,28 +469,6 @@ class ChatterboxBackend(SpeechBackend):
         )
         self._save_cached(conds, cache)
         return conds
-
-    def _check_clip(self, clip: VoiceClip) -> None:
-        """Decode the clip once: undecodable or silent clips are refused."""
-        import soundfile
-
-        try:
-            audio, _ = soundfile.read(str(clip.path), dtype="float32", always_2d=True)
-        except Exception as err:  # pylint: disable=broad-except
-            raise VoiceError(f"it cannot be decoded ({err})") from err
-        if audio.size == 0 or not np.isfinite(audio).all():
-            raise VoiceError("it holds no usable samples")
-        peak = float(np.abs(audio).max())
-        if peak < SILENT_PEAK:
-            raise VoiceError(
-                f"it is silent (loudest sample {20 * np.log10(max(peak, 1e-9)):.0f} "
-                "dBFS)"
-            )
-
-    def _load_cached(self, path: Path) -> Any:
-        from chatterbox.tts_turbo import Conditionals
-
-        return Conditionals.load(path, map_location=self.device).to(self.device)
 
     def _save_cached(self, conds: Any, path: Path) -> None:
         """Write atomically; a cache that cannot be written only costs time."""

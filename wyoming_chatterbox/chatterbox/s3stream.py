@@ -1,29 +1,10 @@
-"""One sentence group's S3Gen audio in pieces, and its watermark in pieces.
+"""One sentence group's S3Gen audio in pieces that join as a whole decode would.
 
-Upstream (chatterbox 0.1.7) turns a group's speech tokens into audio in one call
-(`S3Token2Wav.inference`) and watermarks the whole result. Its streaming switch,
-`flow.inference(finalize=False)`, crashes: it trims the encoder output `h` by the
-look-ahead frames but not `h_masks`. This module does what is needed with the
-library's own sub-modules (nothing installed is patched):
-
-- S3GenStreamer re-decodes the mel of every token so far on each push (the
-  conformer encoder and the CFM decoder attend over the whole sequence, so a
-  frame's mel keeps changing a little while tokens arrive), drops the last 3
-  tokens' frames (the encoder's look-ahead) with their mask, and takes one
-  noise tensor for the whole group so that re-decodes agree where they overlap.
-  Only mel frames not yet played (plus a little left context) go to HiFT.
-- HiFT's excitation is random per call (SineGen draws a random phase for each
-  harmonic and fresh noise, and its phase integral restarts at 0), so two calls
-  would not join. The streamer makes the excitation itself, once per sample for
-  the whole group: fixed harmonic phases and noise, the phase integral carried
-  across calls, and the samples under the context and the crossfade reused as
-  they were (CosyVoice's `cache_source`, made continuous).
-- Each HiFT call holds back its last frames (HiFT sees no right context there);
-  the first 20 ms of them are kept as a tail and crossfaded with the next call.
-
-StreamWatermarker does the same for resemble-perth: every piece is marked with
-context on both sides and its end held back until more audio (or the end)
-arrives, so the STFT encoder never sees a cut where audio is played.
+Upstream decodes a group's speech tokens in one call; its streaming switch
+crashes. S3GenStreamer re-decodes the mel of all tokens so far on each push with
+one noise tensor for the group, vocodes only the frames not yet played, with a
+continuous HiFT excitation and a short crossfade (docs/design.md). Worker thread
+only.
 """
 
 import math
@@ -34,21 +15,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-SAMPLE_RATE = 24000
-TOKEN_SAMPLES = 960  # one speech token = 40 ms at 24 kHz
+from ..audio import SAMPLE_RATE, Crossfader
+from .base import SPEECH_VOCAB_REAL
+
 FRAME_SAMPLES = 480  # one mel frame = 20 ms; 2 frames per token
 FRAMES_PER_TOKEN = 2
-SPEECH_VOCAB = 6561
 S3GEN_SIL = 4299  # chatterbox.models.s3gen.const.S3GEN_SIL
 SILENCE_TOKENS = 3  # upstream appends 3 S3GEN_SIL tokens to every group
 LOOKAHEAD_TOKENS = 3  # the encoder's pre-look-ahead (flow.pre_lookahead_len)
-
-
-def _fade_in(n: int) -> np.ndarray:
-    """Raised-cosine ramp; with 1 - ramp as fade-out the gains sum to 1, so a
-    crossfade of two nearly equal signals keeps their level and stays in
-    [-1, 1] (a Hamming pair as in CosyVoice sums to up to 1.08)."""
-    return (0.5 - 0.5 * np.cos(np.pi * (np.arange(n) + 0.5) / n)).astype(np.float32)
 
 
 def _cast_ref(ref_dict: Dict[str, Any], device: Any, dtype: Any) -> Dict[str, Any]:
@@ -67,6 +41,7 @@ def _cast_ref(ref_dict: Dict[str, Any], device: Any, dtype: Any) -> Dict[str, An
     return ref
 
 
+# Long: upstream's CausalMaskedDiffWithXvec.inference, line for line.
 def flow_mel(
     s3gen: Any,
     ref: Dict[str, Any],
@@ -167,7 +142,7 @@ class S3GenStreamer:
         self.crossfade = max(1, int(round(crossfade_ms * SAMPLE_RATE / 1000)))
         if hold_frames * FRAME_SAMPLES < self.crossfade:
             raise ValueError("the crossfade must fit in the held-back frames")
-        self._fade_in = _fade_in(self.crossfade)
+        self._joins = Crossfader(self.crossfade)
         self._trim_fade = s3gen.trim_fade.detach().float().cpu().numpy()
         self.stats: List[Tuple[int, float]] = []
         if seed is None:  # from torch's RNG, so torch.manual_seed still rules
@@ -198,7 +173,6 @@ class S3GenStreamer:
             self._cycles = torch.zeros(harmonics, 1, dtype=torch.float64)
         self._tokens: List[int] = []
         self._emitted = 0  # samples returned so far
-        self._tail = np.zeros(0, np.float32)  # held back, to crossfade
         self._finished = False
 
     def _grow_noise(self, tokens: int) -> None:
@@ -257,8 +231,8 @@ class S3GenStreamer:
         if self._finished:
             raise RuntimeError("the group is finished")
         new = [int(t) for t in tokens]
-        if any(t < 0 or t >= SPEECH_VOCAB for t in new):
-            raise ValueError(f"speech tokens must be in [0, {SPEECH_VOCAB})")
+        if any(t < 0 or t >= SPEECH_VOCAB_REAL for t in new):
+            raise ValueError(f"speech tokens must be in [0, {SPEECH_VOCAB_REAL})")
         self._tokens.extend(new)
         with torch.inference_mode():
             self._grow_noise(len(self._tokens) + SILENCE_TOKENS)
@@ -294,14 +268,7 @@ class S3GenStreamer:
         source = self._excitation(hift, chunk, start, end, keep)
         wav = hift.decode(x=chunk, s=source.reshape(1, 1, -1).to(chunk.dtype))
         wav = wav.reshape(-1).float().cpu().numpy()
-        out = wav[self._emitted - start : release - start].copy()
-        n = len(self._tail)
-        if n:
-            fade = self._fade_in[:n] if n == self.crossfade else _fade_in(n)
-            out[:n] = self._tail * (1 - fade) + out[:n] * fade
-        self._tail = np.zeros(0, np.float32)
-        if not final:
-            self._tail = wav[release - start : release - start + self.crossfade]
+        out = self._joins.join(wav, self._emitted - start, release - start, final)
         # Upstream's start fade, at the group's first samples wherever they are.
         if self._emitted < len(self._trim_fade):
             m = min(len(out), len(self._trim_fade) - self._emitted)
@@ -347,84 +314,3 @@ class S3GenStreamer:
         else:
             source = self._source
         return source[start:end]
-
-
-class StreamWatermarker:
-    """resemble-perth's watermark on streamed pieces, one instance per stream.
-
-    Perth marks a 32 kHz STFT (2048-point window, 10 ms hop) through a stack of
-    7-wide convolutions: a frame's mark depends on about ±150 ms of audio, and
-    the inverse STFT and resampling smear it a little more. So each call marks
-    `context_s` of already played audio plus everything received, returns only
-    what lies `hold_s` before the end of what it saw, and keeps a crossfade's
-    worth after that to blend with the next call's version of it. Measured on a
-    4 s group cut in 3 pieces: with 0.2 s / 0.1 s the result differs from
-    marking the whole at once by 60 dB less than the mark itself (0.3 / 0.2 s:
-    120 dB; 0.1 / 0.05 s: 39 dB), and detection is the same.
-    """
-
-    def __init__(
-        self,
-        watermarker: Any,
-        sample_rate: int = SAMPLE_RATE,
-        *,
-        context_s: float = 0.2,
-        hold_s: float = 0.1,
-        crossfade_ms: float = 20.0,
-    ) -> None:
-        self.watermarker = watermarker
-        self.sample_rate = sample_rate
-        self.context = int(context_s * sample_rate)
-        self.hold = int(hold_s * sample_rate)
-        self.crossfade = max(1, int(crossfade_ms * sample_rate / 1000))
-        self.min_piece = int(0.1 * sample_rate)
-        self._fade_in = _fade_in(self.crossfade)
-        self._buffer = np.zeros(0, np.float32)  # from sample self._offset on
-        self._offset = 0
-        self._received = 0
-        self._emitted = 0
-        self._tail = np.zeros(0, np.float32)
-        self.stats: List[float] = []  # seconds per watermark call
-
-    def push(self, audio: np.ndarray) -> np.ndarray:
-        """Add audio; return the marked audio that is now final (maybe none)."""
-        audio = np.asarray(audio, dtype=np.float32).reshape(-1)
-        self._buffer = np.concatenate([self._buffer, audio])
-        self._received += len(audio)
-        release = self._received - self.hold
-        if release - self._emitted < max(self.min_piece, self.crossfade):
-            return np.zeros(0, np.float32)
-        return self._mark(release, final=False)
-
-    def finish(self) -> np.ndarray:
-        """Mark and return the rest."""
-        if self._received == self._emitted:
-            return np.zeros(0, np.float32)
-        return self._mark(self._received, final=True)
-
-    def _mark(self, release: int, final: bool) -> np.ndarray:
-        started = time.monotonic()
-        start = max(self._offset, self._emitted - self.context)
-        piece = self._buffer[start - self._offset :]
-        # Perth's STFT reflects at the edges: it needs more than half a window.
-        short = max(0, 2048 - len(piece))
-        padded = np.concatenate([piece, np.zeros(short, np.float32)])
-        marked = self.watermarker.apply_watermark(padded, sample_rate=self.sample_rate)
-        marked = np.asarray(marked, dtype=np.float32).reshape(-1)[: len(piece)]
-        if len(marked) < len(piece):  # the inverse STFT may drop a few samples
-            marked = np.concatenate([marked, piece[len(marked) :]])
-        out = marked[self._emitted - start : release - start].copy()
-        n = len(self._tail)
-        if n:
-            fade = self._fade_in[:n] if n == self.crossfade else _fade_in(n)
-            out[:n] = self._tail * (1 - fade) + out[:n] * fade
-        self._tail = np.zeros(0, np.float32)
-        if not final:
-            self._tail = marked[release - start : release - start + self.crossfade]
-        self._emitted = release
-        # Keep only what the next call needs as context.
-        drop = max(0, self._emitted - self.context - self._offset)
-        self._buffer = self._buffer[drop:]
-        self._offset += drop
-        self.stats.append(time.monotonic() - started)
-        return np.clip(out, -1.0, 1.0).astype(np.float32)

@@ -1,0 +1,223 @@
+"""Every setting of the server and its default, once.
+
+The command line (__main__.py) reads its defaults from here and builds one
+frozen `Settings`; each part of the server gets the part it needs. Plain data:
+nothing here does I/O or imports torch.
+"""
+
+import dataclasses
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, Mapping, Optional
+
+MODELS = ("turbo", "multilingual")
+DEFAULT_MODEL = "turbo"
+DEFAULT_URI = "tcp://0.0.0.0:10200"
+DEFAULT_DATA_DIR = Path.home() / ".cache" / "wyoming-chatterbox"
+DEFAULT_DEVICE = "auto"
+# The model's built-in voice (a voices-folder clip cannot take this name).
+BUILTIN_VOICE = "default"
+DEFAULT_LOUDNESS_LUFS = -16.0
+DEFAULT_SAMPLES_PER_CHUNK = 1024
+# Home Assistant opens one connection per request; satellites add a few each.
+DEFAULT_MAX_CONNECTIONS = 64
+# Speech runs at about 15 characters a second (150 words a minute), so 20,000
+# characters are some 20 minutes of audio, and as long for the one model worker.
+# Home Assistant's notifications and announcements are a sentence or two, and an
+# LLM's spoken reply a few hundred to about 2,000 characters: ten times the
+# longest real reply, while a single request cannot keep the model busy for hours.
+DEFAULT_MAX_TEXT_CHARS = 20_000
+# Seconds without a complete event, while no reply is in progress, after which a
+# connection is closed; and seconds a client may leave its audio unread. Home
+# Assistant opens a connection per request, sends it at once and reads the audio
+# as it comes; what stays silent or stalled this long is a dead peer or a probe.
+DEFAULT_IDLE_TIMEOUT = 60.0
+DEFAULT_SHUTDOWN_GRACE = 5.0
+DEFAULT_METRICS_HOST = "0.0.0.0"
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+# Speech tokens T3 must produce before the first audio of a group is made, and
+# how the later pieces grow: 25 tokens are one second of speech.
+DEFAULT_FIRST_PIECE_TOKENS = 20
+DEFAULT_MAX_PIECE_TOKENS = 160
+T3_DTYPES = ("auto", "float32", "bfloat16", "float16")
+# Sentence groups T3 advances in one step; 16 is the most groups the engine
+# begins at once (docs/design.md says why batching pays).
+DEFAULT_T3_BATCH = 16
+DEFAULT_MAX_ACTIVE_GROUPS = 16
+DEFAULT_MAX_GROUPS_AHEAD = 2
+
+
+@dataclass(frozen=True)
+class FastPath:
+    """Which speed-ups the Turbo backend uses; each can be switched off alone,
+    so that a regression can be found by bisecting the switches and the
+    benchmark can measure each part's worth."""
+
+    # T3 decoding with a preallocated (static) KV cache, the voice prompt's keys
+    # and values computed once per voice, and sampling on the device. Off: the
+    # library's own transformer with a growing cache (the reference path).
+    static_cache: bool = True
+    # Replay each decode step as one CUDA graph (CUDA only; needs static_cache).
+    cuda_graphs: bool = True
+    # T3's precision: auto is bfloat16 on CUDA, float32 on the CPU. S3Gen stays
+    # in float32.
+    t3_dtype: str = "auto"
+    # Hand speech tokens to S3Gen in pieces within a sentence group, so the
+    # first audio comes after `first_piece_tokens` tokens, not the whole group.
+    # Each piece decodes the group's mel so far again: about 3 times S3Gen's
+    # work per group, nothing to a GPU but too much for a CPU, where S3Gen
+    # alone is near real time. None: on CUDA only.
+    stream_in_group: Optional[bool] = None
+    first_piece_tokens: int = DEFAULT_FIRST_PIECE_TOKENS
+    max_piece_tokens: int = DEFAULT_MAX_PIECE_TOKENS
+    # Watermark each piece on its own thread while the model goes on, instead of
+    # on the worker thread between the model's steps.
+    async_watermark: bool = True
+    # Sentence groups (of any clients) T3 advances in one decode step (needs
+    # static_cache); 1: one at a time.
+    t3_batch: int = DEFAULT_T3_BATCH
+
+    def __post_init__(self) -> None:
+        if self.t3_dtype not in T3_DTYPES:
+            raise ValueError(f"--t3-dtype must be one of {', '.join(T3_DTYPES)}")
+        if not 4 <= self.first_piece_tokens <= 1000:
+            raise ValueError("--first-piece-tokens must be 4 to 1000")
+        if self.max_piece_tokens < self.first_piece_tokens:
+            raise ValueError("the largest piece must be at least the first")
+        if not 1 <= self.t3_batch <= 64:
+            raise ValueError("--t3-batch must be 1 to 64")
+
+    def resolved_dtype(self, device: str) -> str:
+        if self.t3_dtype != "auto":
+            return self.t3_dtype
+        return "bfloat16" if device.startswith("cuda") else "float32"
+
+    def streams_in_group(self, device: str) -> bool:
+        if self.stream_in_group is None:
+            return device.startswith("cuda")
+        return self.stream_in_group
+
+    @property
+    def batch(self) -> int:
+        """Groups per T3 step (1 without the static cache)."""
+        return self.t3_batch if self.static_cache else 1
+
+    def uses_graphs(self, device: str) -> bool:
+        return self.static_cache and self.cuda_graphs and device.startswith("cuda")
+
+    def describe(self, device: str) -> str:
+        """One line for the startup log."""
+        parts = [
+            ("static KV cache" if self.static_cache else "library decode loop"),
+            # The library's loop runs T3 as loaded: float32.
+            f"T3 in {self.resolved_dtype(device) if self.static_cache else 'float32'}",
+        ]
+        if self.uses_graphs(device):
+            parts.append("CUDA graphs")
+        if self.batch > 1:
+            parts.append(f"up to {self.batch} groups per T3 step")
+        if self.streams_in_group(device):
+            parts.append(
+                f"audio from the first {self.first_piece_tokens} tokens of a group"
+            )
+        else:
+            parts.append("one piece per group")
+        parts.append(
+            "watermark on its own thread"
+            if self.async_watermark
+            else "watermark inline"
+        )
+        return ", ".join(parts)
+
+
+@dataclass(frozen=True)
+class ModelSettings:
+    """Which model, from where, on which device."""
+
+    model: str = DEFAULT_MODEL
+    model_dir: Optional[Path] = None  # None: download into data_dir
+    data_dir: Path = DEFAULT_DATA_DIR
+    voices_dir: Optional[Path] = None
+    device: str = DEFAULT_DEVICE
+    fast: FastPath = field(default_factory=FastPath)
+
+
+@dataclass(frozen=True)
+class EngineSettings:
+    """How the worker schedules replies and shapes their audio."""
+
+    loudness: Optional[float] = DEFAULT_LOUDNESS_LUFS  # target LUFS; None: off
+    sentence_silence: float = 0.0  # seconds of silence between groups
+    idle_unload: Optional[float] = None  # seconds idle before freeing the model
+    warm_up: bool = True  # one short generation before listening
+    max_groups_ahead: int = DEFAULT_MAX_GROUPS_AHEAD
+    max_active_groups: int = DEFAULT_MAX_ACTIVE_GROUPS
+
+
+@dataclass(frozen=True)
+class ReplySettings:
+    """How a reply's text becomes sentence groups."""
+
+    default_voice: str = BUILTIN_VOICE
+    # Sampling settings from the command line, over the model's defaults (a
+    # voice's own settings override both).
+    params: Mapping[str, float] = field(default_factory=dict)
+    # Streamed text is split into groups as it arrives (and Info advertises
+    # streaming); False: it is spoken once complete.
+    streaming: bool = True
+    # Streams: hand held-back sentences over before the listener runs dry.
+    early_release: bool = True
+    # Streams: begin the first sentence before the word confirming its end.
+    speculative_start: bool = True
+    clean_text: bool = True  # strip Markdown, emoji, URLs; say units in words
+    max_text_chars: int = DEFAULT_MAX_TEXT_CHARS  # per reply; more: text-too-long
+
+
+@dataclass(frozen=True)
+class ServerSettings:
+    """Where and how the server listens."""
+
+    uri: str = DEFAULT_URI
+    samples_per_chunk: int = DEFAULT_SAMPLES_PER_CHUNK
+    # Sockets only (not stdio://): close a connection silent this long with no
+    # reply in progress, or that reads none of its audio this long; None: never.
+    idle_timeout: Optional[float] = DEFAULT_IDLE_TIMEOUT
+    max_connections: Optional[int] = DEFAULT_MAX_CONNECTIONS  # more: turned away
+    shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE  # seconds replies get on SIGTERM
+    zeroconf: Optional[str] = None  # service name to announce ("": default); None: off
+    zeroconf_host: Optional[str] = None  # address to announce instead of the detected
+    metrics_port: Optional[int] = None
+    metrics_host: str = DEFAULT_METRICS_HOST
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: ModelSettings = field(default_factory=ModelSettings)
+    engine: EngineSettings = field(default_factory=EngineSettings)
+    reply: ReplySettings = field(default_factory=ReplySettings)
+    server: ServerSettings = field(default_factory=ServerSettings)
+
+    @classmethod
+    def of(cls, **values: object) -> "Settings":
+        """Settings from field names, each given to the part that has it (the
+        parts' field names are unique): Settings.of(uri=..., loudness=None)."""
+        parts: Dict[str, Any] = {}
+        for part in dataclasses.fields(cls):
+            part_type: Any = part.default_factory
+            names = {f.name for f in dataclasses.fields(part_type)}
+            parts[part.name] = part_type(
+                **{k: v for k, v in values.items() if k in names}
+            )
+            values = {k: v for k, v in values.items() if k not in names}
+        if values:
+            raise TypeError(f"unknown settings: {', '.join(sorted(values))}")
+        return cls(**parts)  # type: ignore[arg-type]
+
+    def replace(self, **parts: object) -> "Settings":
+        """A copy with fields of the parts changed: replace(reply={...})."""
+        changed = {
+            name: dataclasses.replace(getattr(self, name), **values)  # type: ignore[arg-type]
+            for name, values in parts.items()
+        }
+        return dataclasses.replace(self, **changed)
