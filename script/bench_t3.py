@@ -4,7 +4,8 @@ A script, not a test: it measures and reports, and asserts nothing about speed.
 For each number N of groups decoding at the same time (several clients'
 replies), it runs N generations of the same forced length through
 t3_decoder.T3Decoder, all begun (their prompts run) and then pulled a block
-at a time round-robin, as the engine's worker does, twice: one group per step (`--t3-batch 1`) and all N in each step. Reported:
+at a time round-robin, as the engine's worker does, twice: one group per step
+(`--t3-batch 1`) and all N in each step. Reported:
 the wall time (the groups' prompts included), milliseconds per decode step
 (wall / steps), each group's milliseconds per token (what its listener
 waits), and tokens per second over all groups.
@@ -29,9 +30,11 @@ for path in (REPO, REPO / "script"):
     if str(path) not in sys.path:
         sys.path.insert(0, str(path))
 
-from bench import _load_average, git_commit, machine_info  # noqa: E402
+from benchmark import runs  # noqa: E402
+from benchmark.machine import git_commit, load_average, machine_info  # noqa: E402
+from benchmark.report import t3_lines  # noqa: E402
 
-from wyoming_chatterbox.engine import SamplingParams  # noqa: E402
+from wyoming_chatterbox.speech import Budget, SamplingParams  # noqa: E402
 
 TEXT = "The kitchen light is on, and the front door is locked."
 
@@ -43,13 +46,32 @@ def _levels(text: str) -> List[int]:
     return levels
 
 
+def _pull_round_robin(generations: List[Any], started: float) -> List[float]:
+    """Begin every generation, then take a block from each in turn, as the
+    engine's worker does; when each got its first block (from `started`)."""
+    first: List[Optional[float]] = [None] * len(generations)
+    for generation in generations:
+        generation.start()  # the engine begins waiting groups first
+    alive = list(range(len(generations)))
+    while alive:
+        for i in list(alive):
+            try:
+                next(generations[i])
+            except StopIteration:
+                alive.remove(i)
+                continue
+            if first[i] is None:
+                first[i] = time.perf_counter() - started
+    return [f for f in first if f is not None]
+
+
 def run_level(
     model: Any, args: argparse.Namespace, groups: int, batch: int
 ) -> Dict[str, Any]:
     """`groups` generations of args.tokens tokens, `batch` per step at most."""
     import torch
 
-    from wyoming_chatterbox.t3_decoder import T3Decoder
+    from wyoming_chatterbox.chatterbox.t3_decoder import T3Decoder
 
     dtype = getattr(torch, args.dtype)
     decoder = T3Decoder(
@@ -63,29 +85,15 @@ def run_level(
     prefix = decoder.prefix(model.conds.t3)
     text = model.tokenizer(TEXT, return_tensors="pt").input_ids.to(args.device)
     params = SamplingParams()
+    budget = Budget(min_tokens=args.tokens, max_tokens=args.tokens)
 
     def run() -> Dict[str, Any]:
         steps_before = decoder.steps_run
         generations = [
-            decoder.generate(
-                prefix, text, params, lambda: False, args.tokens, args.tokens
-            )
-            for _ in range(groups)
+            decoder.generate(prefix, text, params, budget) for _ in range(groups)
         ]
-        first: List[Optional[float]] = [None] * groups
         started = time.perf_counter()
-        for generation in generations:
-            generation.start()  # the engine begins waiting groups first
-        alive = list(range(groups))
-        while alive:
-            for i in list(alive):
-                try:
-                    next(generations[i])
-                except StopIteration:
-                    alive.remove(i)
-                    continue
-                if first[i] is None:
-                    first[i] = time.perf_counter() - started
+        first = _pull_round_robin(generations, started)
         if args.device.startswith("cuda"):
             torch.cuda.synchronize()
         wall = time.perf_counter() - started
@@ -97,7 +105,7 @@ def run_level(
             "ms_per_token_per_group": 1000 * wall / args.tokens,
             "decode_steps": steps,
             "ms_per_step": 1000 * wall / steps,
-            "first_block_s_max": max(f for f in first if f is not None),
+            "first_block_s_max": max(first),
             "prefill_s": sum(g.prefill_s for g in generations),
         }
 
@@ -108,7 +116,7 @@ def run_level(
     return result
 
 
-def main(argv: Optional[List[str]] = None) -> int:
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="script/bench-t3", description="T3 decoding, one group a step or several"
     )
@@ -122,23 +130,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--repeats", type=int, default=1, help="best of (default 1)")
     parser.add_argument("--threads", type=int, help="torch threads (default: torch's)")
     parser.add_argument("--no-cuda-graphs", action="store_true")
-    parser.add_argument("--report", type=Path, metavar="PATH")
+    parser.add_argument(
+        "--report",
+        type=Path,
+        metavar="PATH",
+        help="keep this run in PATH's folder under bench-runs/ and rewrite PATH's "
+        "latest figures from the runs kept there (docs/benchmarks.md)",
+    )
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    args = parser.parse_args(argv)
+    args = build_parser().parse_args(argv)
 
     import torch
 
-    from wyoming_chatterbox.turbo import load_turbo_model
+    from wyoming_chatterbox.chatterbox.turbo import load_turbo_model
 
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.dtype is None:
         args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
     torch.manual_seed(0)
-    load_before = _load_average()
+    load_before = load_average()
     model = load_turbo_model(args.checkpoint, args.device)
-    layers = len(model.t3.tfmr.h)
-    width = model.t3.tfmr.config.n_embd
     rows = []
     started = time.monotonic()
     with torch.inference_mode():
@@ -153,42 +169,29 @@ def main(argv: Optional[List[str]] = None) -> int:
                     f"{row['tokens_per_s']:.1f} tokens/s",
                     flush=True,
                 )
-    took = time.monotonic() - started
-    machine = machine_info()
-    label = (
-        str(machine["gpu"])
-        if args.device.startswith("cuda") and machine["gpu"]
-        else f"{machine['cpu']} ({machine['cores']} cores)"
-    )
-    lines = [
-        "",
-        f"## {datetime.datetime.now():%Y-%m-%d %H:%M}, {label}, T3 batching",
-        "",
-        f"- command: `script/bench-t3 {shlex.join(argv)}`",
-        f"- git: {git_commit()}; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} threads; T3 {layers} layers, width {width}, "
-        f"{args.dtype}, device {args.device}",
-        f"- {args.tokens} tokens per group (forced), all prompts first, then "
-        "blocks pulled round-robin; "
-        f"best of {args.repeats} after a warm-up; load average {load_before} at "
-        f"start, {_load_average()} at end; {took:.0f} s",
-        "",
-        "| groups | per step | wall | of which prefills | ms per step "
-        "| ms per token, each group | tokens/s, all | first block, last group |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    for row in rows:
-        lines.append(
-            f"| {row['groups']} | {row['batch']} | {row['wall_s']:.2f} s "
-            f"| {row['prefill_s']:.2f} s | {row['ms_per_step']:.1f} "
-            f"| {row['ms_per_token_per_group']:.1f} "
-            f"| {row['tokens_per_s']:.1f} | {row['first_block_s_max']:.2f} s |"
-        )
-    print("\n".join(lines))
+    meta = {
+        "date": f"{datetime.datetime.now():%Y-%m-%d %H:%M}",
+        "command": f"script/bench-t3 {shlex.join(argv)}",
+        "git": git_commit(),
+        "machine": machine_info(),
+        "device": args.device,
+        "torch": torch.__version__,
+        "threads": torch.get_num_threads(),
+        "t3_layers": len(model.t3.tfmr.h),
+        "t3_width": model.t3.tfmr.config.n_embd,
+        "dtype": args.dtype,
+        "tokens": args.tokens,
+        "repeats": args.repeats,
+        "schedule": "all prompts first, then blocks pulled round-robin",
+        "load_average": [load_before, load_average()],
+        "took_s": time.monotonic() - started,
+    }
+    run = {"meta": meta, "rows": rows}
+    print("\n".join([""] + t3_lines(run)))
     if args.report:
-        with open(args.report, "a", encoding="utf-8") as f:
-            f.write("\n".join(lines) + "\n")
-        print(f"Appended a section to {args.report}")
+        path = runs.write_run(args.report, run)
+        runs.refresh(args.report)
+        print(f"Kept the run in {path}; refreshed the latest figures in {args.report}")
     return 0
 
 

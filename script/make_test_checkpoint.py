@@ -136,7 +136,7 @@ def build(out: Path, full: bool) -> None:
     import soundfile
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from wyoming_chatterbox.turbo import load_turbo_model
+    from wyoming_chatterbox.chatterbox.turbo import load_turbo_model
 
     model = load_turbo_model(out, "cpu")
     with tempfile.TemporaryDirectory() as tmp:
@@ -285,7 +285,7 @@ def build_multilingual(out: Path, full: bool) -> None:
     import soundfile
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from wyoming_chatterbox.multilingual import load_multilingual_model
+    from wyoming_chatterbox.chatterbox.multilingual import load_multilingual_model
 
     model = load_multilingual_model(out, "cpu")
     with tempfile.TemporaryDirectory() as tmp:

@@ -76,8 +76,9 @@ def main() -> None:
 
     import torch
 
-    from wyoming_chatterbox.s3stream import S3GenStreamer, StreamWatermarker
-    from wyoming_chatterbox.turbo import load_turbo_model
+    from wyoming_chatterbox.chatterbox.s3stream import S3GenStreamer
+    from wyoming_chatterbox.chatterbox.turbo import load_turbo_model
+    from wyoming_chatterbox.chatterbox.watermark import StreamWatermarker
 
     torch.manual_seed(args.seed)
     model = load_turbo_model(args.checkpoint, args.device)

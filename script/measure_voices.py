@@ -16,7 +16,8 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from tests.fakes import write_clip  # noqa: E402
-from wyoming_chatterbox.turbo import TurboBackend  # noqa: E402
+from wyoming_chatterbox.chatterbox.turbo import TurboBackend  # noqa: E402
+from wyoming_chatterbox.settings import ModelSettings  # noqa: E402
 
 CHECKPOINT = ROOT / ".cache" / "test-checkpoint"
 
@@ -29,7 +30,13 @@ def main() -> None:
     try:
         for i in range(50):
             write_clip(voices / f"voice{i:02d}.wav", seconds=8.0, peak=0.3 + i / 200)
-        backend = TurboBackend(CHECKPOINT, root / "data", "cpu", voices)
+        settings = ModelSettings(
+            model_dir=CHECKPOINT,
+            data_dir=root / "data",
+            device="cpu",
+            voices_dir=voices,
+        )
+        backend = TurboBackend(settings)
         started = time.perf_counter()
         backend.voices()
         first = time.perf_counter() - started
@@ -44,7 +51,7 @@ def main() -> None:
         for i in range(3, 50):
             (voices / f"voice{i:02d}.wav").unlink()
         for attempt in ("computed", "from the disk cache"):
-            backend = TurboBackend(CHECKPOINT, root / "data", "cpu", voices)
+            backend = TurboBackend(settings)
             started = time.perf_counter()
             backend.load()
             print(f"load + 3 voices {attempt}: {time.perf_counter() - started:.1f} s")
