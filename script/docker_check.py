@@ -38,6 +38,8 @@ from typing import Dict, Iterator, List, Optional
 
 REPO = Path(__file__).resolve().parent.parent
 CACHE = REPO / ".cache" / "docker-check"
+# The image it builds; another torch pair gets a tag of its own, so that checking
+# one does not throw away the other's cache.
 IMAGE = "wyoming-chatterbox:check"
 STANDIN = "wyoming-chatterbox-standin:bookworm"
 # What the stand-in needs of python:3.11-slim-bookworm: a python3 with venv, a
@@ -197,8 +199,8 @@ def run_logged(command: List[str], log_path: Path, timeout: float = 3600) -> Non
 # --- 2. the build ---------------------------------------------------------------
 
 
-def build(base: str, build_args: Dict[str, str]) -> float:
-    args = ["docker", "build", "--network", "host", "--tag", IMAGE]
+def build(image: str, base: str, build_args: Dict[str, str]) -> float:
+    args = ["docker", "build", "--network", "host", "--tag", image]
     if base != dockerfile_base():
         args += ["--build-arg", f"BASE_IMAGE={base}"]
     for key, value in build_args.items():
@@ -206,10 +208,10 @@ def build(base: str, build_args: Dict[str, str]) -> float:
     started = time.monotonic()
     log_path = CACHE / "build.log"
     log(f"{' '.join(args[1:])} . (log: {log_path})")
-    previous = image_id(IMAGE)
+    previous = image_id(image)
     run_logged([*args, str(REPO)], log_path)
     seconds = time.monotonic() - started
-    if previous and previous != image_id(IMAGE):
+    if previous and previous != image_id(image):
         # The last build's image, now untagged: its layers that this build did
         # not reuse (all 6 GB of dependencies after a setup.cfg change) go.
         subprocess.run(["docker", "image", "rm", previous], capture_output=True)
@@ -218,7 +220,7 @@ def build(base: str, build_args: Dict[str, str]) -> float:
         if "GPU kernels for:" in line:
             log(f"image: {line.strip()}")
     cached = text.count("Using cache")
-    log(f"built {IMAGE} in {seconds:.0f} s ({cached} steps from the cache)")
+    log(f"built {image} in {seconds:.0f} s ({cached} steps from the cache)")
     return seconds
 
 
@@ -267,7 +269,7 @@ def free_port() -> int:
 
 
 @contextlib.contextmanager
-def container(model: Path, clips: Path) -> Iterator[Dict[str, str]]:
+def container(image: str, model: Path, clips: Path) -> Iterator[Dict[str, str]]:
     tag = f"wyoming-chatterbox-check-{os.getpid()}"
     port = free_port()
     docker("volume", "create", tag)
@@ -288,7 +290,7 @@ def container(model: Path, clips: Path) -> Iterator[Dict[str, str]]:
             f"{clips}:/voices:ro",
             "--volume",
             f"{tag}:/data",
-            IMAGE,
+            image,
             "--device",
             "cpu",
             "--model-dir",
@@ -428,18 +430,19 @@ def run(args: argparse.Namespace) -> None:
     CACHE.mkdir(parents=True, exist_ok=True)
     base = base_image(args.base)
     build_args = {"TORCH_VERSION": args.torch} if args.torch else {}
-    build(base, build_args)
+    image = f"{IMAGE}-torch{args.torch}" if args.torch else IMAGE
+    build(image, base, build_args)
     healthcheck = docker(
-        "image", "inspect", "--format", "{{json .Config.Healthcheck}}", IMAGE
+        "image", "inspect", "--format", "{{json .Config.Healthcheck}}", image
     )
     if "wyoming_chatterbox.health_check" not in healthcheck:
         raise CheckFailed(f"the image's HEALTHCHECK is {healthcheck}")
-    size = int(docker("image", "inspect", "--format", "{{.Size}}", IMAGE))
+    size = int(docker("image", "inspect", "--format", "{{.Size}}", image))
     log(f"image size {size / 1e9:.2f} GB")
     model = checkpoint(args.checkpoint)
     clips = voices(CACHE / "voices")
 
-    with container(model, clips) as running:
+    with container(image, model, clips) as running:
         name, port = running["name"], int(running["port"])
         log(f"container {name} on 127.0.0.1:{port}")
         log(f"healthy after {wait_healthy(name, args.timeout):.1f} s")
