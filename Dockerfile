@@ -20,13 +20,13 @@
 ARG BASE_IMAGE=python:3.11.14-slim-bookworm
 FROM ${BASE_IMAGE}
 
-# The PyTorch pair. Default: 2.8.0 (PyPI: CUDA 12.8), whose kernels cover Volta to
-# Blackwell (sm_70 to sm_120: V100, RTX 20xx to RTX 50xx, H100, B200), the most GPUs
-# people have now: RTX 50 cards outnumber the GTX 900/10xx ones it leaves out. It is
-# not chatterbox-tts 0.1.7's pin (2.6.0), so it is installed around that pin; this
-# project's tests pass on both (docs/docker.md). For Maxwell and Pascal (GTX 900,
-# GTX 10xx, P40, P100: sm_50, sm_60), or a driver older than 570, build the pin
-# (CUDA 12.4, sm_50 to sm_90, driver >= 550.54.15):
+# The PyTorch pair. Default: 2.8.0 (PyPI: CUDA 12.8; kernels sm_70 to sm_120). Both
+# it and chatterbox-tts 0.1.7's pin, 2.6.0 (CUDA 12.4; sm_50 to sm_90), run Volta to
+# Hopper (V100, RTX 20xx to 40xx, H100); beyond that 2.6.0 runs Maxwell and Pascal
+# (2014-2016, frozen since CUDA 12.8) and 2.8.0 runs Blackwell (RTX 50xx, B200: what is
+# sold now). 2.8.0 is installed around chatterbox-tts's torch pin; this project's
+# tests pass on both (docs/docker.md, "GPUs and drivers", has the reasons and
+# figures). For GTX 900, GTX 10xx, P40 or P100, or a driver older than 570, build:
 #   docker build --build-arg TORCH_VERSION=2.6.0 -t wyoming-chatterbox .
 ARG TORCH_VERSION=2.8.0
 # Empty: the same version as torch (as for every release since 2.1).
