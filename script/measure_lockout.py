@@ -17,6 +17,7 @@ import argparse
 import asyncio
 import collections
 import contextlib
+import multiprocessing
 import os
 import socket
 import subprocess
@@ -24,7 +25,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
-from typing import Counter, Dict, List, Optional, Tuple
+from typing import Any, Counter, Dict, List, Optional, Tuple
 
 from wyoming.error import Error
 from wyoming.event import async_read_event, async_write_event
@@ -38,6 +39,7 @@ NEWCOMER = "127.0.0.2"
 # name: (what each connection does, client addresses, connections per address,
 # whether a closed or refused connection is opened again at once)
 CASES: Dict[str, Tuple[str, int, int, bool]] = {
+    "nothing-held": ("nothing", 0, 0, False),  # the baseline
     "silent-streams": ("stream", 8, 8, False),
     "half-open": ("nothing", 8, 8, False),
     "half-streams-half-open": ("mixed", 8, 8, False),
@@ -108,41 +110,9 @@ class Holder:
         self.first_end.setdefault(how, time.monotonic() - self.started)
 
 
-async def newcomer(port: int) -> str:
-    """'ok', or what the newcomer got instead."""
-    try:
-        reader, writer = await asyncio.open_connection(
-            "127.0.0.1", port, local_addr=(NEWCOMER, 0)
-        )
-    except OSError as err:
-        return f"connect failed ({err})"
-    try:
-        await async_write_event(Describe().event(), writer)
-        event = await asyncio.wait_for(async_read_event(reader), 5)
-        if event is None or not Info.is_type(event.type):
-            return _what(event, "Describe")
-        await async_write_event(Synthesize(text="Hello there.").event(), writer)
-        while True:
-            event = await asyncio.wait_for(async_read_event(reader), 30)
-            if event is None or Error.is_type(event.type):
-                return _what(event, "Synthesize")
-            if event.type == "audio-stop":
-                return "ok"
-    except (ConnectionError, asyncio.TimeoutError) as err:
-        return f"{type(err).__name__}"
-    finally:
-        writer.close()
-
-
-def _what(event: object, request: str) -> str:
-    if event is None:
-        return f"{request}: closed"
-    if Error.is_type(event.type):  # type: ignore[attr-defined]
-        return f"{request}: error {Error.from_event(event).code}"  # type: ignore[arg-type]
-    return f"{request}: {event.type}"  # type: ignore[attr-defined]
-
-
-async def run_case(name: str, port: int, deadline: float) -> Dict[str, object]:
+async def hold(port: int, name: str, deadline: float, stop: Any) -> Dict[str, object]:
+    """The held connections of case `name`, until they have all ended, the
+    deadline or `stop` is set."""
     kind, addresses, per_address, reconnect = CASES[name]
     holder = Holder(port, kind, reconnect)
     tasks = [
@@ -152,35 +122,120 @@ async def run_case(name: str, port: int, deadline: float) -> Dict[str, object]:
     ]
     await asyncio.sleep(1.0)
     held = holder.open
-    tries: Counter[str] = collections.Counter()
-    described: Optional[float] = None
-    served: Optional[float] = None
-    while time.monotonic() - holder.started < deadline:
-        tried = time.monotonic()
-        outcome = await newcomer(port)
-        tries[outcome] += 1
-        if described is None and (outcome == "ok" or outcome.startswith("Synth")):
-            described = tried - holder.started
-        if outcome == "ok" and served is None:
-            served = time.monotonic() - holder.started
-        if served is not None and not reconnect and holder.open == 0:
+    while tasks and time.monotonic() - holder.started < deadline:
+        if stop.is_set():
             break
-        await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - tried)))
+        _, pending = await asyncio.wait(tasks, timeout=0.2)
+        if not pending:
+            break
+    still = holder.open
     for task in tasks:
         task.cancel()
     await asyncio.gather(*tasks, return_exceptions=True)
     return {
         "held after 1 s": held,
-        "most held": holder.most_open,
-        "newcomer's Describe first answered after": _after(described, deadline),
-        "newcomer's Synthesize first answered after": _after(served, deadline),
-        "newcomer tries": dict(tries),
+        "most held at once": holder.most_open,
         "held connections ended": {
             how: f"{count} (first at {holder.first_end[how]:.1f} s)"
             for how, count in holder.ends.items()
         },
-        "still held at the end": holder.open,
+        "still open when the case ended": still,
     }
+
+
+def hold_in_child(port: int, name: str, deadline: float, pipes: Tuple) -> None:
+    """hold(), in a process of its own: a reconnect loop keeps an event loop
+    busy, and the newcomer must not wait for it in the same one."""
+    stop, done, out = pipes
+    result = asyncio.run(hold(port, name, deadline, stop))
+    done.set()
+    out.put(result)
+
+
+async def newcomer(port: int) -> Tuple[str, float, float]:
+    """('ok' or what the newcomer got instead, seconds to its Info, seconds
+    from its Synthesize to the audio-stop)."""
+    describe_s = synthesize_s = 0.0
+    started = time.monotonic()
+    try:
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", port, local_addr=(NEWCOMER, 0)
+        )
+    except OSError as err:
+        return f"connect failed ({err})", describe_s, synthesize_s
+    try:
+        await async_write_event(Describe().event(), writer)
+        event = await asyncio.wait_for(async_read_event(reader), 5)
+        describe_s = time.monotonic() - started
+        if event is None or not Info.is_type(event.type):
+            return _what(event, "Describe"), describe_s, synthesize_s
+        started = time.monotonic()
+        await async_write_event(Synthesize(text="Hello there.").event(), writer)
+        while True:
+            event = await asyncio.wait_for(async_read_event(reader), 120)
+            synthesize_s = time.monotonic() - started
+            if event is None or Error.is_type(event.type):
+                return _what(event, "Synthesize"), describe_s, synthesize_s
+            if event.type == "audio-stop":
+                return "ok", describe_s, synthesize_s
+    except (ConnectionError, asyncio.TimeoutError) as err:
+        return f"{type(err).__name__}", describe_s, synthesize_s
+    finally:
+        writer.close()
+
+
+def _what(event: Any, request: str) -> str:
+    if event is None:
+        return f"{request}: closed"
+    if Error.is_type(event.type):
+        return f"{request}: error {Error.from_event(event).code}"
+    return f"{request}: {event.type}"
+
+
+async def run_case(name: str, port: int, deadline: float) -> Dict[str, object]:
+    reconnect = CASES[name][3]
+    stop, done, out = (
+        multiprocessing.Event(),
+        multiprocessing.Event(),
+        multiprocessing.Queue(),
+    )
+    child = multiprocessing.Process(
+        target=hold_in_child, args=(port, name, deadline, (stop, done, out))
+    )
+    started = time.monotonic()
+    child.start()
+    await asyncio.sleep(1.0)
+    tries: Counter[str] = collections.Counter()
+    described: Optional[float] = None
+    served: Optional[Tuple[float, float, float]] = None
+    oks = 0
+    while time.monotonic() - started < deadline:
+        tried = time.monotonic()
+        outcome, describe_s, synthesize_s = await newcomer(port)
+        tries[outcome] += 1
+        if described is None and (outcome == "ok" or outcome.startswith("Synth")):
+            described = tried + describe_s - started
+        if outcome == "ok":
+            oks += 1
+            if served is None:
+                served = (time.monotonic() - started, describe_s, synthesize_s)
+        if oks and (done.is_set() or (reconnect and oks >= 3)):
+            break
+        await asyncio.sleep(max(0.0, 1.0 - (time.monotonic() - tried)))
+    result: Dict[str, object] = {
+        "newcomer's Describe first answered after": _after(described, deadline),
+        "newcomer's Synthesize first done after": _after(
+            served[0] if served else None, deadline
+        ),
+        "that Describe and Synthesize took": (
+            f"{served[1] * 1000:.0f} ms, {served[2]:.1f} s" if served else "-"
+        ),
+        "newcomer tries": dict(tries),
+    }
+    stop.set()  # a reconnect loop would go on to the deadline
+    result.update(out.get(timeout=deadline + 10))
+    child.join()
+    return result
 
 
 def _after(seconds: Optional[float], deadline: float) -> str:
