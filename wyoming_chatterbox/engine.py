@@ -23,6 +23,7 @@ from typing import Callable, Deque, Dict, List, Optional
 import numpy as np
 
 from .loudness import LoudnessNormalizer
+from .memory import give_back, resident_bytes
 from .settings import EngineSettings
 from .speech import (
     Budget,
@@ -378,10 +379,13 @@ class EngineWorker:
             self.settings.idle_unload,
         )
         self.model_loaded = False
+        before = resident_bytes()
         try:
             self.backend.close()
         except Exception:  # pylint: disable=broad-except
             _LOGGER.exception("Unloading the model failed")
+        # The allocator keeps what the model freed unless told to give it back.
+        _LOGGER.info("Model unloaded: %s", give_back(before))
 
     def _reload(self) -> None:
         """Load the model again for a request; a failure fails that group."""
