@@ -313,3 +313,33 @@ async def test_the_server_starts_warns_and_speaks_with_the_eager_step(
     )
     assert 'part="self_check_passed",t3_dtype="float32"} 0.0' in text
     assert 'wyoming_chatterbox_fast_path_memory_bytes{kind="kv_cache"}' in text
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", ["auto", "float32"])
+def test_cuda_the_self_check_passes_on_this_gpu(
+    checkpoint: Path, tmp_path: Path, caplog: Any, dtype: str  # noqa: F811
+) -> None:
+    """On a real GPU: every part passes its check and stays on, and speaks."""
+    from wyoming_chatterbox.chatterbox.turbo import TurboBackend
+    from wyoming_chatterbox.speech import SpeechJob
+
+    backend = TurboBackend(
+        ModelSettings(
+            model_dir=checkpoint,
+            data_dir=tmp_path,
+            device="cuda",
+            fast=FastPath(t3_dtype=dtype),
+        )
+    )
+    with caplog.at_level(logging.INFO):
+        backend.load()
+    try:
+        print(next(m for m in caplog.messages if m.startswith("Speed settings")))
+        state = backend.fast_path()
+        assert state is not None and state.self_check == "passed", caplog.text
+        assert all(state.parts.values())
+        pieces = list(backend.speak(SpeechJob("The light is on.", "default", "en")))
+        assert sum(piece.audio.size for piece in pieces) > 0
+    finally:
+        backend.close()

@@ -1013,3 +1013,95 @@ def test_cuda_batched_graphs_match_solo_eager(model: Any, rand_t3: Any) -> None:
     assert run(decoder) == expected
     assert decoder.cuda_graphs and {n for n, _ in decoder.graphs.keys()} == {1, 2, 4}
     decoder.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_steps_never_synchronize(model: Any, rand_t3: Any, dtype: Any) -> None:
+    """The steps between two reads of the tokens, replayed or eager, under
+    torch.cuda.set_sync_debug_mode("error"): any host sync there raises."""
+    t3 = copy.deepcopy(rand_t3).to("cuda")
+    decoder = T3Decoder(t3, "cuda", dtype, max_batch=4)
+    decoder.prepare(graphs=True)
+    generation = decoder.generate(
+        decoder.prefix(copy.deepcopy(model.conds.t3).to(device="cuda")),
+        _text(model).to("cuda"),
+        SamplingParams(),
+        Budget(min_tokens=40, max_tokens=40),
+    )
+    generation.start()
+    pool = decoder.pool
+    assert pool is not None and decoder.graphs is not None
+    pool.active[0] = True
+    length = int(pool.pos[0]) + 1
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for n in range(8):
+            decoder._run(pool, 0, 1, length + n)
+            decoder.step.eager(pool, 0, 2, length + 8 + n)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    pool.active[0] = False
+    generation.close()
+    decoder.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_a_failed_capture_leaves_cuda_working(
+    model: Any, rand_t3: Any, monkeypatch: Any
+) -> None:
+    """A real invalidated capture (a host read inside it): after recovery the
+    thread is back on its own stream, nothing captures, eager draws and
+    S3Gen-style noise work, the decoder samples what a decoder that never
+    tried graphs samples, and a later capture succeeds."""
+    t3 = copy.deepcopy(rand_t3).to("cuda")
+    cond = copy.deepcopy(model.conds.t3).to(device="cuda")
+    text = _text(model).to("cuda")
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0)
+
+    def sampled(decoder: T3Decoder) -> List[int]:
+        torch.manual_seed(3)
+        prefix = decoder.prefix(cond)
+        return _tokens(decoder.generate(prefix, text, params, Budget(max_tokens=24)))
+
+    plain = T3Decoder(t3, "cuda", torch.float32)
+    expected = sampled(plain)
+    plain.close()
+    body = T3Step.graph_body
+
+    def syncing_body(self: T3Step, pool: Any, n: int, span: int) -> Any:
+        step = body(self, pool, n, span)
+        return lambda: (step(), int(pool.pos[0]))
+
+    monkeypatch.setattr(T3Step, "graph_body", syncing_body)
+    stream = torch.cuda.current_stream()
+    decoder = T3Decoder(t3, "cuda", torch.float32, max_batch=2)
+    with pytest.raises(cuda_graphs.CaptureFailed):
+        decoder.prepare(graphs=True)
+    assert torch.cuda.current_stream() == stream
+    assert not torch.cuda.is_current_stream_capturing()
+    torch.randn(16, device="cuda").exponential_()
+    assert sampled(decoder) == expected
+    decoder.close()
+    monkeypatch.setattr(T3Step, "graph_body", body)
+    again = T3Decoder(t3, "cuda", torch.float32)
+    again.prepare(graphs=True)
+    assert again.cuda_graphs and sampled(again) == expected
+    again.close()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_graphs_on_the_second_gpu_match_eager(model: Any, rand_t3: Any) -> None:
+    t3 = copy.deepcopy(rand_t3).to("cuda:1")
+    cond = copy.deepcopy(model.conds.t3).to(device="cuda:1")
+    text = _text(model).to("cuda:1")
+    results = []
+    for graphs in [False, True]:
+        decoder = T3Decoder(t3, "cuda:1", torch.float32)
+        decoder.prepare(graphs=graphs)
+        prefix = decoder.prefix(cond)
+        budget = Budget(min_tokens=30, max_tokens=60)
+        results.append(_tokens(decoder.generate(prefix, text, GREEDY, budget)))
+        decoder.close()
+    assert results[0] == results[1] and len(set(results[0])) > 1
