@@ -9,7 +9,8 @@ load their model (`_load_model`) and compute a clip's conditionals
 (`_compute_conditionals`). Worker thread only, but for `voices` and
 `resolve_voice` (the catalogue, on the event loop).
 
-Long (~480 lines): the one template every model backend shares.
+Long (~540 lines): the one template every model backend shares, and the
+device checks every backend needs before it loads.
 """
 
 import contextlib
