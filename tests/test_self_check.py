@@ -286,7 +286,7 @@ async def test_the_server_starts_warns_and_speaks_with_the_eager_step(
         )
     )
     metrics = Metrics()
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="wyoming_chatterbox"):
         async with _server(backend, metrics) as port:
             warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
             # (base warns that this is a test checkpoint)
@@ -332,7 +332,7 @@ def test_cuda_the_self_check_passes_on_this_gpu(
             fast=FastPath(t3_dtype=dtype),
         )
     )
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.INFO, logger="wyoming_chatterbox"):
         backend.load()
     try:
         print(next(m for m in caplog.messages if m.startswith("Speed settings")))
