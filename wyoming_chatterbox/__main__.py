@@ -341,7 +341,8 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
         "--t3-dtype",
         choices=T3_DTYPES,
         default="auto",
-        help="T3 precision (default: bfloat16 on CUDA, float32 on the CPU)",
+        help="T3 precision (default: bfloat16 on GPUs of compute capability 8.0 "
+        "and up, float16 on 7.x, float32 on older GPUs and the CPU)",
     )
     streaming = group.add_mutually_exclusive_group()
     streaming.add_argument(

@@ -346,6 +346,9 @@ def _watch(metrics: Metrics, replies: Replies) -> None:
     gpu_memory = getattr(engine.backend, "gpu_memory", None)
     if gpu_memory is not None:
         metrics.set_gpu_memory_callback(gpu_memory)
+    fast_path = getattr(engine.backend, "fast_path", None)
+    if fast_path is not None:
+        metrics.set_fast_path_callback(fast_path)
 
 
 def _watch_connections(

@@ -8,7 +8,7 @@ nothing here does I/O or imports torch.
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
 MODELS = ("turbo", "multilingual")
 DEFAULT_MODEL = "turbo"
@@ -69,8 +69,9 @@ class FastPath:
     static_cache: bool = True
     # Replay each decode step as one CUDA graph (CUDA only; needs static_cache).
     cuda_graphs: bool = True
-    # T3's precision: auto is bfloat16 on CUDA, float32 on the CPU. S3Gen stays
-    # in float32.
+    # T3's precision: auto is bfloat16 on a GPU that runs it fast, float16 on
+    # Volta and Turing, float32 on older GPUs and the CPU (resolved_dtype).
+    # S3Gen stays in float32.
     t3_dtype: str = "auto"
     # Hand speech tokens to S3Gen in pieces within a sentence group, so the
     # first audio comes after `first_piece_tokens` tokens, not the whole group.
@@ -97,10 +98,20 @@ class FastPath:
         if not 1 <= self.t3_batch <= 64:
             raise ValueError("--t3-batch must be 1 to 64")
 
-    def resolved_dtype(self, device: str) -> str:
+    def resolved_dtype(
+        self, device: str, capability: Optional[Tuple[int, int]] = None
+    ) -> str:
+        """T3's precision on `device`, a GPU of compute `capability`: bfloat16
+        from 8.0 (Ampere and later have bfloat16 tensor cores), float16 on
+        7.x (Volta, Turing: tensor cores for float16 only), float32 below
+        (Pascal's float16 is slow) and on the CPU."""
         if self.t3_dtype != "auto":
             return self.t3_dtype
-        return "bfloat16" if device.startswith("cuda") else "float32"
+        if not device.startswith("cuda"):
+            return "float32"
+        if capability is None or capability >= (8, 0):
+            return "bfloat16"
+        return "float16" if capability >= (7, 0) else "float32"
 
     def streams_in_group(self, device: str) -> bool:
         if self.stream_in_group is None:
@@ -115,12 +126,16 @@ class FastPath:
     def uses_graphs(self, device: str) -> bool:
         return self.static_cache and self.cuda_graphs and device.startswith("cuda")
 
-    def describe(self, device: str) -> str:
-        """One line for the startup log."""
+    def describe(
+        self, device: str, capability: Optional[Tuple[int, int]] = None
+    ) -> str:
+        """The switches in words (before the start-up self-check, which may
+        turn parts off: see the backend's own line)."""
+        dtype = self.resolved_dtype(device, capability)
         parts = [
             ("static KV cache" if self.static_cache else "library decode loop"),
             # The library's loop runs T3 as loaded: float32.
-            f"T3 in {self.resolved_dtype(device) if self.static_cache else 'float32'}",
+            f"T3 in {dtype if self.static_cache else 'float32'}",
         ]
         if self.uses_graphs(device):
             parts.append("CUDA graphs")
