@@ -80,7 +80,7 @@ async def test_a_stream_not_read_is_not_generated_far_ahead() -> None:
 
 
 async def test_cancel_drops_pending_and_stops_group_in_flight() -> None:
-    backend = FakeBackend(delay=0.5)
+    backend = FakeBackend(delay=2.0)
     worker = await started_worker(backend)
     stream = worker.open_stream("default", PARAMS)
     for i in range(5):
@@ -92,8 +92,8 @@ async def test_cancel_drops_pending_and_stops_group_in_flight() -> None:
     other.add_group("next")
     other.close()
     await asyncio.wait_for(collect(other), 5)
-    # "next" started at once, not after the 0.5 s group that was in flight.
-    assert backend.asked_at[1] - cancelled_at < 0.1
+    # "next" started at once, not after the 2 s group that was in flight.
+    assert backend.asked_at[1] - cancelled_at < 1.0
     assert backend.asked == ["group 0", "next"]
     assert backend.cancelled == ["group 0"]
     await worker.stop()
