@@ -8,10 +8,15 @@ nothing here does I/O or imports torch.
 import dataclasses
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, Mapping, Optional, Tuple
 
-MODELS = ("turbo", "multilingual")
+MODELS = ("turbo", "nano", "multilingual")
 DEFAULT_MODEL = "turbo"
+# The English models (one a server: they would list the same voices).
+ENGLISH_MODELS = ("turbo", "nano")
+MULTILINGUAL_VERSIONS = ("v2", "v3")
+# Upstream recommends v3 (June 2026): fewer hallucinations, closer voices.
+DEFAULT_MULTILINGUAL_VERSION = "v3"
 DEFAULT_URI = "tcp://0.0.0.0:10200"
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "wyoming-chatterbox"
 DEFAULT_DEVICE = "auto"
@@ -133,14 +138,69 @@ class FastPath:
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """Which model, from where, on which device."""
+    """Which models, from where, on which device.
 
-    model: str = DEFAULT_MODEL
+    A server runs one model or several (an English one and the multilingual
+    one); each backend gets `for_model(key)`, the settings of its model alone.
+    """
+
+    models: Tuple[str, ...] = (DEFAULT_MODEL,)
     model_dir: Optional[Path] = None  # None: download into data_dir
+    # Folders of several models by key (--model-dir KEY=DIR); model_dir is the
+    # folder of the only model.
+    model_dirs: Mapping[str, Path] = field(default_factory=dict)
     data_dir: Path = DEFAULT_DATA_DIR
     voices_dir: Optional[Path] = None
     device: str = DEFAULT_DEVICE
     fast: FastPath = field(default_factory=FastPath)
+    multilingual_version: str = DEFAULT_MULTILINGUAL_VERSION
+
+    def __post_init__(self) -> None:
+        if isinstance(self.models, str):  # Settings.of(models="turbo")
+            object.__setattr__(self, "models", (self.models,))
+        models = self.models
+        unknown = [m for m in models if m not in MODELS]
+        if not models or unknown:
+            raise ValueError(
+                f"--model must be one of {', '.join(MODELS)}, not "
+                f"{', '.join(unknown) or 'nothing'}"
+            )
+        if len(set(models)) < len(models):
+            raise ValueError("--model names each model once")
+        english = [m for m in models if m in ENGLISH_MODELS]
+        if len(english) > 1:
+            raise ValueError(
+                f"--model {' and '.join(english)}: both speak English with the same "
+                "voices; choose one (nano is smaller and faster, turbo sounds better)"
+            )
+        if self.model_dir is not None and len(models) > 1:
+            raise ValueError(
+                f"--model-dir {self.model_dir}: say which model's folder it is, "
+                f"e.g. --model-dir {models[0]}={self.model_dir}"
+            )
+        stray = [key for key in self.model_dirs if key not in models]
+        if stray:
+            raise ValueError(
+                f"--model-dir {stray[0]}=...: {stray[0]} is not one of the models "
+                f"served ({', '.join(models)})"
+            )
+        if self.multilingual_version not in MULTILINGUAL_VERSIONS:
+            raise ValueError(
+                "--multilingual-version must be one of "
+                + ", ".join(MULTILINGUAL_VERSIONS)
+            )
+
+    @property
+    def model(self) -> str:
+        """The first model (the only one, for a backend's own settings)."""
+        return self.models[0]
+
+    def for_model(self, key: str) -> "ModelSettings":
+        """The settings of one of the models alone."""
+        folder = self.model_dirs.get(key)
+        if folder is None and len(self.models) == 1:
+            folder = self.model_dir
+        return dataclasses.replace(self, models=(key,), model_dir=folder, model_dirs={})
 
 
 @dataclass(frozen=True)

@@ -34,6 +34,7 @@ from typing import (
     List,
     Optional,
     Sequence,
+    Set,
     Tuple,
 )
 
@@ -141,30 +142,63 @@ def model_fingerprint(ckpt_dir: Path, files: Sequence[str]) -> str:
 
 
 @contextlib.contextmanager
-def llama_config_as(name: str, size: Dict[str, Any], where: Path) -> Iterator[None]:
+def llama_config_as(
+    name: str,
+    size: Dict[str, Any],
+    where: Path,
+    released: Optional[Dict[str, Any]] = None,
+) -> Iterator[None]:
     """While loading, make chatterbox's LLAMA_CONFIGS[name] the T3 size read
     from the weights in `where` (from_local always builds the released size;
-    a random-weight test checkpoint holds a smaller T3). The shared table is
-    changed only for the load, under a lock."""
+    a random-weight test checkpoint holds a smaller T3). `released` is the
+    released model's config where the library's table lacks it (Nano's GPT-2
+    small is newer than chatterbox 0.1.7): a T3 of that size is the released
+    model, any other a test checkpoint. The shared table is changed only for
+    the load, under a lock."""
     from chatterbox.models.t3.llama_configs import LLAMA_CONFIGS
 
     with _CONFIG_LOCK:
-        released = LLAMA_CONFIGS[name]
-        if all(released.get(key) == value for key, value in size.items()):
+        saved = LLAMA_CONFIGS.get(name)
+        base = released if released is not None else saved
+        assert base is not None, f"no T3 config {name}"
+        config = base
+        if not all(base.get(key) == value for key, value in size.items()):
+            _LOGGER.warning(
+                "T3 in %s is not the released size (%s layers, width %s): "
+                "this is a test checkpoint and will not speak words",
+                where,
+                size.get("n_layer", size.get("num_hidden_layers")),
+                size.get("n_embd", size.get("hidden_size")),
+            )
+            config = dict(base, **size)
+        if config is saved:
             yield
             return
-        _LOGGER.warning(
-            "T3 in %s is not the released size (%s layers, width %s): "
-            "this is a test checkpoint and will not speak words",
-            where,
-            size.get("n_layer", size.get("num_hidden_layers")),
-            size.get("n_embd", size.get("hidden_size")),
-        )
-        LLAMA_CONFIGS[name] = dict(released, **size)
+        LLAMA_CONFIGS[name] = config
         try:
             yield
         finally:
-            LLAMA_CONFIGS[name] = released
+            if saved is None:
+                del LLAMA_CONFIGS[name]
+            else:
+                LLAMA_CONFIGS[name] = saved
+
+
+@contextlib.contextmanager
+def no_random_init() -> Iterator[None]:
+    """Modules built here for weights about to be loaded skip their random
+    initialisation (seconds of a load on a CPU); load them with load_weights,
+    which fills every parameter."""
+    from transformers.initialization import no_init_weights
+
+    with no_init_weights():
+        yield
+
+
+def load_weights(module: Any, state: Dict[str, Any]) -> None:
+    """Every weight of `module` from `state` (strict), taking the loaded tensors
+    as they are instead of copying them."""
+    module.load_state_dict(state, strict=True, assign=True)
 
 
 @contextlib.contextmanager
@@ -211,6 +245,10 @@ class ChatterboxBackend(SpeechBackend):
     def _find_model(self) -> Path:
         """The model folder: the cached download (fetched if need be)."""
 
+    def _use_folder(self, ckpt_dir: Path) -> None:
+        """Choose among the files the model folder offers, before they are
+        checked and loaded (the multilingual model's older T3 version)."""
+
     @abstractmethod
     def _load_model(self, ckpt_dir: Path) -> Any:
         """Load the model, with its built-in voice in `model.conds`."""
@@ -249,6 +287,7 @@ class ChatterboxBackend(SpeechBackend):
         started = time.monotonic()
         self.device = resolve_device(self.settings.device)
         ckpt_dir = self.settings.model_dir or self._find_model()
+        self._use_folder(ckpt_dir)
         check_model_files(ckpt_dir, self.model_files, self.repo_id or self.model_name)
         try:
             self.model = self._load_model(ckpt_dir)
@@ -305,11 +344,17 @@ class ChatterboxBackend(SpeechBackend):
             time.monotonic() - started,
         )
 
+    def leave_languages(self, codes: Set[str]) -> None:
+        """Languages another model of the server serves: not offered here."""
+        self.catalogue.languages.elsewhere = set(codes)
+
     def voices(self) -> List[VoiceInfo]:
         return self.catalogue.voices()
 
-    def resolve_voice(self, name: str, language: Optional[str]) -> ResolvedVoice:
-        return self.catalogue.resolve(name, language)
+    def resolve_voice(
+        self, name: str, language: Optional[str], strict: bool = False
+    ) -> ResolvedVoice:
+        return self.catalogue.resolve(name, language, strict)
 
     def speak(self, job: SpeechJob) -> Iterator[Piece]:
         text = job.text.strip()

@@ -27,30 +27,110 @@ from .base import (
     SPEECH_VOCAB_REAL,
     ChatterboxBackend,
     llama_config_as,
+    load_weights,
+    no_random_init,
     quiet,
 )
 from .download import ensure_model
 
 _LOGGER = logging.getLogger(__name__)
 
-REPO_ID = "ResembleAI/chatterbox-turbo"
-T3_WEIGHTS = "t3_turbo_v1.safetensors"
-# Weights ChatterboxTurboTTS.from_local must find.
-MODEL_FILES = ("ve.safetensors", T3_WEIGHTS, "s3gen_meanflow.safetensors")
+# Files every GPT-2 Chatterbox (Turbo, Nano) opens besides its T3 weights.
+VOICE_ENCODER_FILE = "ve.safetensors"
+S3GEN_FILE = "s3gen_meanflow.safetensors"
 BUILTIN_VOICE_FILE = "conds.pt"
-# What to download: those, the built-in voice and the GPT-2 tokenizer files
-# (vocab.json, merges.txt, *_config.json ...); not the repository's 1 GB
-# s3gen.safetensors, which Turbo never opens.
-ALLOW_PATTERNS = (*MODEL_FILES, BUILTIN_VOICE_FILE, "*.json", "*.txt", "*.model")
-_GPT2_CONFIG = "GPT2_medium"
+# What AutoTokenizer.from_pretrained may read from a GPT-2 tokenizer folder
+# (the released repositories hold all but tokenizer.json; the test checkpoint
+# has tokenizer.json and tokenizer_config.json). tests/test_download.py checks
+# these against transformers' own names.
+TOKENIZER_FILES = (
+    "tokenizer_config.json",
+    "tokenizer.json",
+    "vocab.json",
+    "merges.txt",
+    "added_tokens.json",
+    "special_tokens_map.json",
+)
+TEXT_VOCAB = 50276
 
 
-def _t3_size(ckpt_dir: Path) -> Dict[str, Any]:
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """What tells the GPT-2 Chatterboxes apart: the repository, T3's weights and
+    T3's released size; everything else (S3Gen, the voice encoder, the
+    tokenizer, the built-in voice) is the same kind of file."""
+
+    kind: str  # --model
+    model_name: str
+    repo_id: str
+    t3_weights: str
+    config_name: str  # the LLAMA_CONFIGS entry T3Config names
+    size: Tuple[Tuple[str, int], ...]  # over GPT-2 medium's config
+
+    @property
+    def model_files(self) -> Tuple[str, ...]:
+        """The weights the loader must find."""
+        return (VOICE_ENCODER_FILE, self.t3_weights, S3GEN_FILE)
+
+    @property
+    def allow_patterns(self) -> Tuple[str, ...]:
+        """What to download: exactly what load_turbo_model opens. Not the
+        repositories' 1 GB s3gen.safetensors, which these models never open."""
+        return (*self.model_files, BUILTIN_VOICE_FILE, *TOKENIZER_FILES)
+
+    def released_config(self) -> Optional[Dict[str, Any]]:
+        """T3's GPT-2 config as released, where chatterbox 0.1.7's table lacks
+        it (it knows GPT-2 medium only: Nano's GPT-2 small is medium's with its
+        own size); None: the table's own."""
+        from chatterbox.models.t3.llama_configs import LLAMA_CONFIGS
+
+        if not self.size:
+            return None
+        size = dict(self.size)
+        if "n_embd" in size:
+            size["hidden_size"] = size["n_embd"]
+        return dict(LLAMA_CONFIGS["GPT2_medium"], **size)
+
+
+TURBO = Variant(
+    "turbo",
+    "Chatterbox Turbo",
+    "ResembleAI/chatterbox-turbo",
+    "t3_turbo_v1.safetensors",
+    "GPT2_medium",
+    (),
+)
+# Nano (July 2026): Turbo with GPT-2 small (12 layers, width 768, 12 heads).
+NANO = Variant(
+    "nano",
+    "Chatterbox Nano",
+    "ResembleAI/chatterbox-nano",
+    "t3_nano_v1.safetensors",
+    "GPT2_small",
+    (("n_layer", 12), ("n_embd", 768), ("n_head", 12)),
+)
+VARIANTS = (TURBO, NANO)
+# The Turbo names other modules and older callers use.
+REPO_ID = TURBO.repo_id
+T3_WEIGHTS = TURBO.t3_weights
+MODEL_FILES = TURBO.model_files
+ALLOW_PATTERNS = TURBO.allow_patterns
+
+
+def variant_in(ckpt_dir: Path) -> Variant:
+    """The variant whose T3 weights the folder holds (Turbo's first)."""
+    for variant in VARIANTS:
+        if (ckpt_dir / variant.t3_weights).is_file():
+            return variant
+    return TURBO
+
+
+def _t3_size(path: Path) -> Dict[str, Any]:
     """T3's GPT-2 size from its weights: layers from the key names, width and
     positions from the position embedding; heads are 64 wide, as in GPT-2."""
     from safetensors import safe_open
 
-    with safe_open(str(ckpt_dir / T3_WEIGHTS), framework="pt") as f:
+    with safe_open(str(path), framework="pt") as f:
         keys = list(f.keys())
         n_positions, n_embd = f.get_slice("tfmr.wpe.weight").get_shape()
     n_layer = 1 + max(int(k.split(".")[2]) for k in keys if k.startswith("tfmr.h."))
@@ -64,35 +144,94 @@ def _t3_size(ckpt_dir: Path) -> Dict[str, Any]:
     }
 
 
-def load_turbo_model(ckpt_dir: Path, device: str) -> Any:
-    """ChatterboxTurboTTS.from_local, at the T3 size the weights have."""
-    from chatterbox.tts_turbo import ChatterboxTurboTTS
+def load_turbo_model(
+    ckpt_dir: Path, device: str, variant: Optional[Variant] = None
+) -> Any:
+    """A ChatterboxTurboTTS from a folder of Turbo's or Nano's files (default:
+    whichever T3 the folder holds), at the T3 size the weights have.
 
-    with llama_config_as(_GPT2_CONFIG, _t3_size(ckpt_dir), ckpt_dir), quiet():
-        return ChatterboxTurboTTS.from_local(ckpt_dir, device)
+    The steps of ChatterboxTurboTTS.from_local (chatterbox 0.1.7), which knows
+    only Turbo's T3 file and size; the built-in voice (conds.pt) is left in
+    `model.conds`, None when the folder has none.
+    """
+    variant = variant or variant_in(ckpt_dir)
+    t3_path = ckpt_dir / variant.t3_weights
+    with llama_config_as(
+        variant.config_name, _t3_size(t3_path), ckpt_dir, variant.released_config()
+    ), quiet():
+        return _from_local(ckpt_dir, device, variant)
+
+
+def _from_local(ckpt_dir: Path, device: str, variant: Variant) -> Any:
+    import torch
+    from chatterbox.models.s3gen import S3Gen
+    from chatterbox.models.t3 import T3
+    from chatterbox.models.t3.modules.t3_config import T3Config
+    from chatterbox.models.voice_encoder import VoiceEncoder
+    from chatterbox.tts_turbo import ChatterboxTurboTTS, Conditionals
+    from safetensors.torch import load_file
+    from transformers import AutoTokenizer
+
+    hp = T3Config(text_tokens_dict_size=TEXT_VOCAB)
+    hp.llama_config_name = variant.config_name
+    hp.speech_tokens_dict_size = 6563
+    hp.input_pos_emb = None
+    hp.speech_cond_prompt_len = 375
+    hp.use_perceiver_resampler = False
+    hp.emotion_adv = False
+    with no_random_init():
+        ve, t3, s3gen = VoiceEncoder(), T3(hp), S3Gen(meanflow=True)
+    load_weights(ve, load_file(ckpt_dir / VOICE_ENCODER_FILE))
+    ve.to(device).eval()
+    t3_state: Any = load_file(ckpt_dir / variant.t3_weights)
+    if "model" in t3_state:
+        t3_state = t3_state["model"][0]
+    load_weights(t3, t3_state)
+    del t3.tfmr.wte  # T3 embeds text and speech itself
+    t3.to(device).eval()
+    load_weights(s3gen, load_file(ckpt_dir / S3GEN_FILE))
+    s3gen.to(device).eval()
+
+    tokenizer = AutoTokenizer.from_pretrained(ckpt_dir)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+
+    conds = None
+    builtin_voice = ckpt_dir / BUILTIN_VOICE_FILE
+    if builtin_voice.exists():
+        map_location = torch.device("cpu") if device == "cpu" else None
+        conds = Conditionals.load(builtin_voice, map_location=map_location)
+        conds = conds.to(device)
+    return ChatterboxTurboTTS(t3, s3gen, ve, tokenizer, device, conds=conds)
 
 
 class EnglishOnly(Languages):
-    """Turbo speaks English: a voice set to speak another language is warned
-    about (once) and offered in English."""
+    """Turbo and Nano speak English: a voice set to speak another language is
+    warned about (once) and offered in English, unless another model of the
+    server speaks that language (then that model offers it)."""
 
     def for_voice(self, wanted: Optional[Sequence[str]]) -> List[str]:
         if wanted and not any(code.lower().startswith("en") for code in wanted):
+            if any(self.served_elsewhere(code) for code in wanted):
+                return []
             self.warn_once(
-                "Chatterbox Turbo speaks English only, not %s; use --model "
-                "multilingual for other languages",
+                "%s speaks English only, not %s; add --model multilingual for "
+                "other languages",
+                self.model_name,
                 ", ".join(wanted),
             )
         return ["en"]
 
 
 class TurboBackend(ChatterboxBackend):
-    """Chatterbox Turbo (English) on one device."""
+    """Chatterbox Turbo (English) on one device; NanoBackend is the same with
+    a smaller T3."""
 
-    kind = "turbo"
-    model_name = "Chatterbox Turbo"
-    repo_id = REPO_ID
-    model_files = MODEL_FILES
+    variant = TURBO
+    kind = TURBO.kind
+    model_name = TURBO.model_name
+    repo_id = TURBO.repo_id
+    model_files = TURBO.model_files
     languages = {"en": "English"}
 
     def __init__(self, settings: ModelSettings) -> None:
@@ -109,12 +248,15 @@ class TurboBackend(ChatterboxBackend):
         return EnglishOnly(self.model_name, self.languages)
 
     def _find_model(self) -> Path:
-        return ensure_model(self.settings.data_dir, REPO_ID, ALLOW_PATTERNS)
+        variant = self.variant
+        return ensure_model(
+            self.settings.data_dir, variant.repo_id, variant.allow_patterns
+        )
 
     def _load_model(self, ckpt_dir: Path) -> Any:
         import torch
 
-        model = load_turbo_model(ckpt_dir, self.device)
+        model = load_turbo_model(ckpt_dir, self.device, self.variant)
         if self.device.startswith("cuda"):
             # S3Gen's input length changes with every piece: cuDNN's benchmark
             # mode would tune its convolutions again for each new length.
@@ -345,3 +487,14 @@ class TurboBackend(ChatterboxBackend):
         for audio, tokens in marks.rest():
             yield Piece(audio=audio, tokens=tokens)
         stats.watermark_s = list(marker.stats)
+
+
+class NanoBackend(TurboBackend):
+    """Chatterbox Nano: Turbo with GPT-2 small for T3, for CPUs and small
+    memory (English)."""
+
+    variant = NANO
+    kind = NANO.kind
+    model_name = NANO.model_name
+    repo_id = NANO.repo_id
+    model_files = NANO.model_files
