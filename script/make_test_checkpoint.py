@@ -96,7 +96,7 @@ def write_t3(out: Path, full: bool, nano: bool) -> None:
     from safetensors.torch import save_file
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from wyoming_chatterbox.chatterbox.turbo import NANO, TURBO
+    from wyoming_chatterbox.chatterbox.turbo_load import NANO, TURBO
 
     variant = NANO if nano else TURBO
     config = variant.released_config() or dict(LLAMA_CONFIGS["GPT2_medium"])
@@ -179,7 +179,7 @@ def build(
     import soundfile
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from wyoming_chatterbox.chatterbox.turbo import load_turbo_model
+    from wyoming_chatterbox.chatterbox.turbo_load import load_turbo_model
 
     model = load_turbo_model(out, "cpu")
     with tempfile.TemporaryDirectory() as tmp:

@@ -14,7 +14,7 @@ from tests.test_multilingual import mtl_checkpoint  # noqa: F401
 from tests.test_nano import nano_checkpoint  # noqa: F401
 from wyoming_chatterbox.chatterbox import multilingual
 from wyoming_chatterbox.chatterbox.download import ensure_model
-from wyoming_chatterbox.chatterbox.turbo import (
+from wyoming_chatterbox.chatterbox.turbo_load import (
     ALLOW_PATTERNS,
     NANO,
     REPO_ID,

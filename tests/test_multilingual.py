@@ -28,11 +28,8 @@ import pytest
 
 from tests.test_model import checkpoint  # noqa: F401
 from wyoming_chatterbox.chatterbox import multilingual, multilingual_loop
-from wyoming_chatterbox.chatterbox.base import (
-    SAMPLES_PER_TOKEN,
-    SPEECH_VOCAB_REAL,
-    llama_config_as,
-)
+from wyoming_chatterbox.chatterbox.base import SAMPLES_PER_TOKEN, SPEECH_VOCAB_REAL
+from wyoming_chatterbox.chatterbox.loading import llama_config_as
 from wyoming_chatterbox.chatterbox.multilingual import (
     DEFAULT_PARAMS,
     MultilingualBackend,

@@ -69,7 +69,11 @@ def test_nano_is_turbo_with_gpt2_small_and_not_a_test_checkpoint(
 ) -> None:
     from chatterbox.models.t3.llama_configs import LLAMA_CONFIGS
 
-    from wyoming_chatterbox.chatterbox.turbo import NANO, load_turbo_model, variant_in
+    from wyoming_chatterbox.chatterbox.turbo_load import (
+        NANO,
+        load_turbo_model,
+        variant_in,
+    )
 
     assert variant_in(nano_checkpoint) is NANO
     with caplog.at_level(logging.WARNING):

@@ -11,7 +11,7 @@ Each stream's scheduling state is one `StreamState` that only the worker touches
 its thread, or under its lock in the methods a handle calls). This module knows
 nothing about torch, Wyoming or text; it must not block the event loop.
 
-Long (~560 lines): the worker's scheduling and the models' lives (load, warm-up,
+Long (~580 lines): the worker's scheduling and the models' lives (load, warm-up,
 idle unload, reload) share one lock and one thread.
 """
 

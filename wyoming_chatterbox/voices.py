@@ -7,7 +7,7 @@ list and resolves a request's voice name; `check_clip` refuses undecodable or
 silent audio. Computing a voice's conditionals is the backend's job, on the
 engine's worker thread; nothing here imports torch.
 
-Long (~490 lines): the folder and the catalogue change together.
+Long (~510 lines): the folder and the catalogue change together.
 """
 
 import json

@@ -8,8 +8,6 @@ which yields the audio and fills in the group's GroupStats. Subclasses also
 load their model (`_load_model`) and compute a clip's conditionals
 (`_compute_conditionals`). Worker thread only, but for `voices` and
 `resolve_voice` (the catalogue, on the event loop).
-
-Long (~480 lines): the one template every model backend shares.
 """
 
 import contextlib
@@ -20,7 +18,6 @@ import logging
 import os
 import re
 import tempfile
-import threading
 import time
 from abc import abstractmethod
 from collections import deque
@@ -50,6 +47,7 @@ from ..speech import (
 )
 from ..text import SYLLABIC_RE
 from ..voices import Languages, VoiceCatalogue, VoiceClip, VoiceError, check_clip
+from .loading import check_model_files, model_fingerprint, resolve_device
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -61,8 +59,6 @@ SPEECH_TOKENS_PER_SECOND = 25
 # S3Gen makes 960 samples (40 ms at 24 kHz) per speech token.
 SAMPLES_PER_TOKEN = 960
 _PARALINGUISTIC = re.compile(r"\[[a-z ]+\]")
-# from_local builds T3 from a shared config table; loads swap an entry in it.
-_CONFIG_LOCK = threading.Lock()
 
 
 def speech_token_budget(text: str) -> int:
@@ -80,125 +76,6 @@ def speech_token_budget(text: str) -> int:
     weight = len(plain) + 4 * dense
     budget = SPEECH_TOKENS_PER_SECOND * (1 + len(tags) * 2) + 4 * weight
     return min(MAX_SPEECH_TOKENS, budget)
-
-
-def resolve_device(requested: str) -> str:
-    """auto -> cuda if available, else cpu; check that a named device exists."""
-    import torch
-
-    if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if requested == "cpu":
-        return "cpu"
-    if requested == "cuda" or requested.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise ModelLoadError(
-                f"--device {requested} was asked for, but PyTorch sees no CUDA GPU "
-                "here; use --device cpu, or check the NVIDIA driver (and --gpus all "
-                "in Docker)."
-            )
-        if requested.startswith("cuda:"):
-            index_text = requested.split(":", 1)[1]
-            count = torch.cuda.device_count()
-            if not index_text.isdigit() or int(index_text) >= count:
-                raise ModelLoadError(
-                    f"--device {requested} does not exist: this machine has {count} "
-                    f"CUDA device(s), cuda:0 to cuda:{count - 1}."
-                )
-        return requested
-    raise ModelLoadError(
-        f"--device {requested} is not known; use auto, cpu, cuda or cuda:N."
-    )
-
-
-def check_model_files(ckpt_dir: Path, files: Sequence[str], model: str) -> None:
-    """ModelLoadError naming the files of `files` missing from the folder."""
-    missing = [name for name in files if not (ckpt_dir / name).is_file()]
-    if missing:
-        raise ModelLoadError(
-            f"The model folder {ckpt_dir} lacks {', '.join(missing)}; point "
-            f"--model-dir at a complete copy of {model}."
-        )
-
-
-def model_fingerprint(ckpt_dir: Path, files: Sequence[str]) -> str:
-    """A short identity of a model's files: names, sizes and their first and last
-    MiB (not the whole gigabytes, which would take seconds to hash)."""
-    digest = hashlib.sha256()
-    for name in files:
-        path = ckpt_dir / name
-        try:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                head = f.read(1 << 20)
-                f.seek(max(0, size - (1 << 20)))
-                tail = f.read(1 << 20)
-        except OSError:
-            continue
-        digest.update(f"{name}\0{size}\0".encode())
-        digest.update(head)
-        digest.update(tail)
-    return digest.hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def llama_config_as(
-    name: str,
-    size: Dict[str, Any],
-    where: Path,
-    released: Optional[Dict[str, Any]] = None,
-) -> Iterator[None]:
-    """While loading, make chatterbox's LLAMA_CONFIGS[name] the T3 size read
-    from the weights in `where` (from_local always builds the released size;
-    a random-weight test checkpoint holds a smaller T3). `released` is the
-    released model's config where the library's table lacks it (Nano's GPT-2
-    small is newer than chatterbox 0.1.7): a T3 of that size is the released
-    model, any other a test checkpoint. The shared table is changed only for
-    the load, under a lock."""
-    from chatterbox.models.t3.llama_configs import LLAMA_CONFIGS
-
-    with _CONFIG_LOCK:
-        saved = LLAMA_CONFIGS.get(name)
-        base = released if released is not None else saved
-        assert base is not None, f"no T3 config {name}"
-        config = base
-        if not all(base.get(key) == value for key, value in size.items()):
-            _LOGGER.warning(
-                "T3 in %s is not the released size (%s layers, width %s): "
-                "this is a test checkpoint and will not speak words",
-                where,
-                size.get("n_layer", size.get("num_hidden_layers")),
-                size.get("n_embd", size.get("hidden_size")),
-            )
-            config = dict(base, **size)
-        if config is saved:
-            yield
-            return
-        LLAMA_CONFIGS[name] = config
-        try:
-            yield
-        finally:
-            if saved is None:
-                del LLAMA_CONFIGS[name]
-            else:
-                LLAMA_CONFIGS[name] = saved
-
-
-@contextlib.contextmanager
-def no_random_init() -> Iterator[None]:
-    """Modules built here for weights about to be loaded skip their random
-    initialisation (seconds of a load on a CPU); load them with load_weights,
-    which fills every parameter."""
-    from transformers.initialization import no_init_weights
-
-    with no_init_weights():
-        yield
-
-
-def load_weights(module: Any, state: Dict[str, Any]) -> None:
-    """Every weight of `module` from `state` (strict), taking the loaded tensors
-    as they are instead of copying them."""
-    module.load_state_dict(state, strict=True, assign=True)
 
 
 @contextlib.contextmanager

@@ -14,14 +14,9 @@ from typing import Any, Dict, Generator, Iterator, Optional, Tuple
 from ..settings import ModelSettings
 from ..speech import GroupStats, ModelLoadError, Piece, SamplingParams, SpeechJob
 from ..voices import Languages
-from .base import (
-    ChatterboxBackend,
-    llama_config_as,
-    load_weights,
-    no_random_init,
-    quiet,
-)
+from .base import ChatterboxBackend, quiet
 from .download import cached_model, ensure_model
+from .loading import llama_config_as, load_weights, no_random_init
 from .multilingual_loop import LANGUAGES, generate, normalise_language
 
 _LOGGER = logging.getLogger(__name__)
