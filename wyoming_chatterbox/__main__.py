@@ -34,6 +34,7 @@ from .settings import (
     LOG_FORMAT,
     MODELS,
     MULTILINGUAL_VERSIONS,
+    S3GEN_DTYPES,
     T3_DTYPES,
     FastPath,
     Settings,
@@ -358,7 +359,21 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
         "--t3-dtype",
         choices=T3_DTYPES,
         default="auto",
-        help="T3 precision (default: bfloat16 on CUDA, float32 on the CPU)",
+        help="T3 precision (default: bfloat16 on CUDA, float32 on the CPU); int8: "
+        "int8 weights on the CPU",
+    )
+    group.add_argument(
+        "--s3gen-dtype",
+        choices=S3GEN_DTYPES,
+        default="auto",
+        help="precision of S3Gen's flow (default: float32); bfloat16 is faster on "
+        "CPUs with bfloat16 support (Intel AMX, AVX512-BF16)",
+    )
+    group.add_argument(
+        "--cpu-threads",
+        type=int,
+        metavar="N",
+        help="threads PyTorch uses on the CPU (default: one per core)",
     )
     streaming = group.add_mutually_exclusive_group()
     streaming.add_argument(
@@ -404,6 +419,8 @@ def fast_path(args: argparse.Namespace) -> FastPath:
         static_cache=not args.no_static_cache,
         cuda_graphs=not args.no_cuda_graphs,
         t3_dtype=args.t3_dtype,
+        s3gen_dtype=args.s3gen_dtype,
+        cpu_threads=args.cpu_threads,
         stream_in_group=args.stream_in_group,
         first_piece_tokens=args.first_piece_tokens,
         max_piece_tokens=max(DEFAULT_MAX_PIECE_TOKENS, args.first_piece_tokens),

@@ -45,7 +45,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # how the later pieces grow: 25 tokens are one second of speech.
 DEFAULT_FIRST_PIECE_TOKENS = 20
 DEFAULT_MAX_PIECE_TOKENS = 160
-T3_DTYPES = ("auto", "float32", "bfloat16", "float16")
+T3_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
+S3GEN_DTYPES = ("auto", "float32", "bfloat16")
 # Sentence groups T3 advances in one step; 16 is the most groups the engine
 # begins at once (docs/design.md says why batching pays).
 DEFAULT_T3_BATCH = 16
@@ -65,9 +66,19 @@ class FastPath:
     static_cache: bool = True
     # Replay each decode step as one CUDA graph (CUDA only; needs static_cache).
     cuda_graphs: bool = True
-    # T3's precision: auto is bfloat16 on CUDA, float32 on the CPU. S3Gen stays
-    # in float32.
+    # T3's precision: auto is bfloat16 on CUDA, int8 on the CPU (int8 weights
+    # for the transformer's matrices, float32 activations: 1.7 times the tokens
+    # a second of float32 on 2 cores, docs/benchmarks.md).
     t3_dtype: str = "auto"
+    # The precision of S3Gen's flow (its encoder and flow-matching decoder,
+    # most of its work): bfloat16 runs their matrix products in bfloat16
+    # (autocast: weights, norms and the vocoder stay float32). auto: bfloat16 on
+    # a CPU that computes in bfloat16 natively (Intel AMX or AVX512-BF16),
+    # float32 elsewhere (chatterbox decides: it needs torch to ask the CPU).
+    s3gen_dtype: str = "auto"
+    # Threads PyTorch uses for one operation on the CPU (torch.set_num_threads,
+    # process-wide); None: PyTorch's default, one per core.
+    cpu_threads: Optional[int] = None
     # Hand speech tokens to S3Gen in pieces within a sentence group, so the
     # first audio comes after `first_piece_tokens` tokens, not the whole group.
     # Each piece decodes the group's mel so far again: about 3 times S3Gen's
@@ -86,6 +97,10 @@ class FastPath:
     def __post_init__(self) -> None:
         if self.t3_dtype not in T3_DTYPES:
             raise ValueError(f"--t3-dtype must be one of {', '.join(T3_DTYPES)}")
+        if self.s3gen_dtype not in S3GEN_DTYPES:
+            raise ValueError(f"--s3gen-dtype must be one of {', '.join(S3GEN_DTYPES)}")
+        if self.cpu_threads is not None and not 1 <= self.cpu_threads <= 256:
+            raise ValueError("--cpu-threads must be 1 to 256")
         if not 4 <= self.first_piece_tokens <= 1000:
             raise ValueError("--first-piece-tokens must be 4 to 1000")
         if self.max_piece_tokens < self.first_piece_tokens:
@@ -96,7 +111,7 @@ class FastPath:
     def resolved_dtype(self, device: str) -> str:
         if self.t3_dtype != "auto":
             return self.t3_dtype
-        return "bfloat16" if device.startswith("cuda") else "float32"
+        return "bfloat16" if device.startswith("cuda") else "int8"
 
     def streams_in_group(self, device: str) -> bool:
         if self.stream_in_group is None:
@@ -118,6 +133,12 @@ class FastPath:
             # The library's loop runs T3 as loaded: float32.
             f"T3 in {self.resolved_dtype(device) if self.static_cache else 'float32'}",
         ]
+        if self.s3gen_dtype == "auto":
+            parts.append("S3Gen's flow in bfloat16 if the CPU has it natively")
+        elif self.s3gen_dtype != "float32":
+            parts.append(f"S3Gen's flow in {self.s3gen_dtype}")
+        if self.cpu_threads is not None and not device.startswith("cuda"):
+            parts.append(f"{self.cpu_threads} CPU thread(s)")
         if self.uses_graphs(device):
             parts.append("CUDA graphs")
         if self.batch > 1:

@@ -163,6 +163,11 @@ class ChatterboxBackend(SpeechBackend):
     def load(self) -> None:
         started = time.monotonic()
         self.device = resolve_device(self.settings.device)
+        threads = self.settings.fast.cpu_threads
+        if threads is not None and self.device == "cpu":
+            import torch
+
+            torch.set_num_threads(threads)
         ckpt_dir = self.settings.model_dir or self._find_model()
         self._use_folder(ckpt_dir)
         check_model_files(ckpt_dir, self.model_files, self.repo_id or self.model_name)

@@ -6,12 +6,14 @@ functions, so importing this module is cheap.
 """
 
 import contextlib
+import dataclasses
 import hashlib
 import logging
 import threading
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Sequence
 
+from ..settings import FastPath
 from ..speech import ModelLoadError
 
 _LOGGER = logging.getLogger(__name__)
@@ -137,3 +139,41 @@ def load_weights(module: Any, state: Dict[str, Any]) -> None:
     """Every weight of `module` from `state` (strict), taking the loaded tensors
     as they are instead of copying them."""
     module.load_state_dict(state, strict=True, assign=True)
+
+
+def resolved_fast_path(fast: FastPath, device: str) -> FastPath:
+    """The fast path with its "auto" precisions decided for this device and
+    CPU. ModelLoadError for int8 on a GPU."""
+    t3 = fast.resolved_dtype(device)
+    if t3 == "int8" and device != "cpu":
+        raise ModelLoadError(
+            "--t3-dtype int8 runs on a CPU only; on a GPU use the default (bfloat16)"
+        )
+    if t3 == "int8" and fast.t3_dtype == "auto" and not _int8_linear_supported():
+        _LOGGER.warning("PyTorch has no int8 kernels for this CPU: T3 in float32")
+        t3 = "float32"
+    s3gen = fast.s3gen_dtype
+    if s3gen == "auto":
+        s3gen = "bfloat16" if device == "cpu" and native_bfloat16() else "float32"
+    return dataclasses.replace(fast, t3_dtype=t3, s3gen_dtype=s3gen)
+
+
+def native_bfloat16() -> bool:
+    """Whether this CPU computes in bfloat16 natively (Intel AMX or
+    AVX512-BF16); elsewhere bfloat16 is emulated and slower than float32."""
+    import torch
+
+    try:
+        return bool(
+            torch.cpu._is_amx_tile_supported() or torch.cpu._is_avx512_bf16_supported()
+        )
+    except AttributeError:  # a PyTorch without these checks
+        return False
+
+
+def _int8_linear_supported() -> bool:
+    import torch
+
+    return any(
+        engine != "none" for engine in torch.backends.quantized.supported_engines
+    )

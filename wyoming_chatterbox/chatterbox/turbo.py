@@ -25,6 +25,7 @@ from ..speech import NOTHING_YET, GroupStats, Piece, SpeechJob
 from ..voices import Languages
 from .base import MAX_SPEECH_TOKENS, SPEECH_VOCAB_REAL, ChatterboxBackend, quiet
 from .download import ensure_model
+from .loading import resolved_fast_path
 from .turbo_load import NANO, TURBO, load_turbo_model
 
 _LOGGER = logging.getLogger(__name__)
@@ -86,10 +87,16 @@ class TurboBackend(ChatterboxBackend):
             # S3Gen's input length changes with every piece: cuDNN's benchmark
             # mode would tune its convolutions again for each new length.
             torch.backends.cudnn.benchmark = False
+        self.fast = resolved_fast_path(self.settings.fast, self.device)
+        if self.fast.s3gen_dtype == "bfloat16":
+            from .s3stream import flow_in_bfloat16
+
+            flow_in_bfloat16(model.s3gen)
         if self.fast.static_cache:
             from .t3_decoder import T3Decoder
 
-            dtype = getattr(torch, self.fast.resolved_dtype(self.device))
+            int8 = self.fast.t3_dtype == "int8"
+            dtype = torch.float32 if int8 else getattr(torch, self.fast.t3_dtype)
             self._decoder = T3Decoder(
                 model.t3,
                 self.device,
@@ -97,8 +104,9 @@ class TurboBackend(ChatterboxBackend):
                 cuda_graphs=self.fast.uses_graphs(self.device),
                 max_batch=self.fast.batch,
                 lead_tokens=self.fast.max_piece_tokens,
+                int8=int8,
             )
-            if dtype != torch.float32:
+            if dtype != torch.float32 or int8:
                 # The decoder holds T3's transformer in its own precision; the
                 # float32 copy would only take memory.
                 self._decoder.release_reference_weights()
