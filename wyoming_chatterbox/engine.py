@@ -25,6 +25,7 @@ from typing import Callable, Deque, Dict, List, Mapping, Optional, Tuple, Union
 import numpy as np
 
 from .loudness import LoudnessNormalizer
+from .memory import give_back, resident_bytes
 from .models import ModelSet
 from .settings import EngineSettings
 from .speech import (
@@ -437,10 +438,13 @@ class EngineWorker:
             self._name(key),
         )
         self._resident[key] = False
+        before = resident_bytes()
         try:
             self.models[key].close()
         except Exception:  # pylint: disable=broad-except
             _LOGGER.exception("Unloading %s failed", self._name(key))
+        # The allocator keeps what the model freed unless told to give it back.
+        _LOGGER.info("Model unloaded (%s): %s", self._name(key), give_back(before))
 
     def _reload(self, key: str) -> None:
         """Load a model again for a request; a failure fails that group."""

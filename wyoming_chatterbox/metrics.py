@@ -216,6 +216,30 @@ class Metrics:
             ["model"],
             registry=self.registry,
         )
+        self._refused = Counter(
+            f"{PREFIX}_connections_refused",
+            "Connections turned away, by the cap that was reached (server-full, "
+            "client-limit) with no idle connection to evict.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._evicted = Counter(
+            f"{PREFIX}_connections_evicted",
+            "Idle connections closed to make room for a new one, by the cap "
+            "that was reached (server-full, client-limit).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._stream_timeouts = Counter(
+            f"{PREFIX}_stream_timeouts",
+            "Streams ended because no event came for --stream-timeout.",
+            registry=self.registry,
+        )
+        self._connections = Gauge(
+            f"{PREFIX}_connections",
+            "Connections open (sockets only).",
+            registry=self.registry,
+        )
         self._gpu = _GpuMemoryCollector()
         self.registry.register(self._gpu)
 
@@ -280,6 +304,18 @@ class Metrics:
 
     def set_model_loaded(self, loaded: bool, model: str = "") -> None:
         self._model_loaded.labels(model=model).set(1 if loaded else 0)
+
+    def connection_refused(self, reason: str) -> None:
+        self._refused.labels(reason=reason).inc()
+
+    def connection_evicted(self, reason: str) -> None:
+        self._evicted.labels(reason=reason).inc()
+
+    def stream_timed_out(self) -> None:
+        self._stream_timeouts.inc()
+
+    def set_open_connections(self, n: int) -> None:
+        self._connections.set(n)
 
     def set_gpu_memory_callback(self, fn: Callable[[], Optional[float]]) -> None:
         """fn() is called on every scrape, from the HTTP server's thread.

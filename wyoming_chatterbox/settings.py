@@ -26,6 +26,10 @@ DEFAULT_LOUDNESS_LUFS = -16.0
 DEFAULT_SAMPLES_PER_CHUNK = 1024
 # Home Assistant opens one connection per request; satellites add a few each.
 DEFAULT_MAX_CONNECTIONS = 64
+# Connections one client address may hold (an IPv6 client: its /64). Home
+# Assistant needs one per reply in progress plus its Describe: a home has a
+# few at once. Well below the total, so no single device can take every slot.
+DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 8
 # Speech runs at about 15 characters a second (150 words a minute), so 20,000
 # characters are some 20 minutes of audio, and as long for the one model worker.
 # Home Assistant's notifications and announcements are a sentence or two, and an
@@ -37,6 +41,11 @@ DEFAULT_MAX_TEXT_CHARS = 20_000
 # Assistant opens a connection per request, sends it at once and reads the audio
 # as it comes; what stays silent or stalled this long is a dead peer or a probe.
 DEFAULT_IDLE_TIMEOUT = 60.0
+# Seconds a started stream may go without an event before it is ended (what
+# came is spoken, synthesize-stopped sent, the connection closed): an LLM that
+# pauses for a tool call or a slow search resumes well within two minutes; a
+# client that crashed mid-reply never does, and would hold its slot for ever.
+DEFAULT_STREAM_TIMEOUT = 120.0
 DEFAULT_SHUTDOWN_GRACE = 5.0
 DEFAULT_METRICS_HOST = "0.0.0.0"
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -264,7 +273,13 @@ class ServerSettings:
     # Sockets only (not stdio://): close a connection silent this long with no
     # reply in progress, or that reads none of its audio this long; None: never.
     idle_timeout: Optional[float] = DEFAULT_IDLE_TIMEOUT
-    max_connections: Optional[int] = DEFAULT_MAX_CONNECTIONS  # more: turned away
+    # Sockets only: end a stream (synthesize-start) with no event for this long.
+    stream_timeout: Optional[float] = DEFAULT_STREAM_TIMEOUT
+    # Beyond it a newcomer evicts the longest-idle connection that is not
+    # receiving audio, or is turned away if every one is.
+    max_connections: Optional[int] = DEFAULT_MAX_CONNECTIONS
+    # The same per client address (evicting that client's own idlest first).
+    max_connections_per_client: Optional[int] = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE  # seconds replies get on SIGTERM
     zeroconf: Optional[str] = None  # service name to announce ("": default); None: off
     zeroconf_host: Optional[str] = None  # address to announce instead of the detected

@@ -264,6 +264,7 @@ async def _run(args: argparse.Namespace, meta: Dict[str, Any]) -> Dict[str, Any]
         "early_release": not args.no_early_release,
         "speculative_start": not args.no_speculative_start,
         "max_connections": max(64, max(args.concurrency or [1]) + 8),
+        "max_connections_per_client": None,  # every client is 127.0.0.1
     }
     results, load_s = await serve_in_process(
         backend, server, lambda target: run_bench(args, target)

@@ -35,6 +35,7 @@ from typing import (
     Tuple,
 )
 
+from ..memory import trim_heap
 from ..settings import BUILTIN_VOICE, ModelSettings
 from ..speech import (
     GroupStats,
@@ -191,6 +192,9 @@ class ChatterboxBackend(SpeechBackend):
         self.model.conds = None
         self.conds[BUILTIN_VOICE] = (None, self._ready_conditionals(conds))
         self.model_id = f"{self.kind}-{model_fingerprint(ckpt_dir, self.model_files)}"
+        # Loading freed what it read (and, int8, T3's float32 matrices); the
+        # allocator keeps that unless told to give it back.
+        trim_heap()
         self._set_backend_flags()
         _LOGGER.info(
             "Loaded %s from %s on %s in %.1f s",
