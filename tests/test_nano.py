@@ -190,8 +190,8 @@ def test_int8_t3_matches_float32_within_tolerance(nano_checkpoint: Path) -> None
     from wyoming_chatterbox.chatterbox.turbo_load import load_turbo_model
 
     model = load_turbo_model(nano_checkpoint, "cpu")
-    reference = T3Step(model.t3, "cpu", torch.float32, cuda_graphs=False)
-    int8 = T3Step(model.t3, "cpu", torch.float32, cuda_graphs=False, int8=True)
+    reference = T3Step(model.t3, "cpu", torch.float32)
+    int8 = T3Step(model.t3, "cpu", torch.float32, int8=True)
     kv, length = reference.prefix_kv(model.conds.t3)
     kv8, length8 = int8.prefix_kv(model.conds.t3)
     assert length == length8 and kv.shape == kv8.shape

@@ -378,15 +378,15 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
         "--t3-dtype",
         choices=T3_DTYPES,
         default="auto",
-        help="T3 precision (default: bfloat16 on CUDA, float32 on the CPU); int8: "
-        "int8 weights on the CPU",
+        help="T3 precision (default: bfloat16 on GPUs of compute capability 8.0 "
+        "and up, float16 on 7.x, float32 on older GPUs, int8 weights on the CPU)",
     )
     group.add_argument(
         "--s3gen-dtype",
         choices=S3GEN_DTYPES,
         default="auto",
-        help="precision of S3Gen's flow (default: float32); bfloat16 is faster on "
-        "CPUs with bfloat16 support (Intel AMX, AVX512-BF16)",
+        help="precision of S3Gen's flow (default: bfloat16 on CPUs that compute it "
+        "natively, Intel AMX or AVX512-BF16; float32 elsewhere)",
     )
     group.add_argument(
         "--cpu-threads",

@@ -33,6 +33,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .speech import FastPathState
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -116,6 +117,66 @@ class _GpuMemoryCollector(Collector):
             "Bytes allocated on the GPU by the model, read at scrape time; "
             "absent without a GPU.",
         )
+
+
+class _FastPathCollector(Collector):
+    """The model's speed-ups after its start-up self-check, read at scrape
+    time (speech.FastPathState); absent while the model is not loaded."""
+
+    def __init__(self) -> None:
+        self.callback: Optional[Callable[[], Optional[FastPathState]]] = None
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        callback = self.callback
+        try:
+            state = callback() if callback is not None else None
+        except Exception:  # pylint: disable=broad-except
+            _LOGGER.debug("Fast path callback failed", exc_info=True)
+            return []
+        if state is None:
+            return []
+        parts, capture, memory = self._families()
+        for part, on in sorted(
+            {**state.parts, "self_check_passed": state.self_check == "passed"}.items()
+        ):
+            parts.add_metric([part, state.t3_dtype], 1.0 if on else 0.0)
+        found: List[Metric] = [parts]
+        if state.capture_s is not None:
+            capture.add_metric([], state.capture_s)
+            found.append(capture)
+        for kind, value in (
+            ("graphs", state.graph_bytes),
+            ("kv_cache", state.cache_bytes),
+        ):
+            if value is not None:
+                memory.add_metric([kind], float(value))
+        if memory.samples:
+            found.append(memory)
+        return found
+
+    @staticmethod
+    def _families() -> List[GaugeMetricFamily]:
+        return [
+            GaugeMetricFamily(
+                f"{PREFIX}_fast_path",
+                "1 if a part of the fast path is in use after the start-up "
+                "self-check (part self_check_passed: 1 if it ran and turned "
+                "nothing off), else 0; t3_dtype is T3's precision.",
+                labels=["part", "t3_dtype"],
+            ),
+            GaugeMetricFamily(
+                f"{PREFIX}_cuda_graphs_capture_seconds",
+                "Time taken to capture T3's CUDA graphs at load.",
+            ),
+            GaugeMetricFamily(
+                f"{PREFIX}_fast_path_memory_bytes",
+                "GPU memory the fast path took at load: CUDA graphs, KV cache rows.",
+                labels=["kind"],
+            ),
+        ]
 
 
 class _ScrapeHooks(Collector):
@@ -242,6 +303,8 @@ class Metrics:
         )
         self._gpu = _GpuMemoryCollector()
         self.registry.register(self._gpu)
+        self._fast_path = _FastPathCollector()
+        self.registry.register(self._fast_path)
 
     def _set_info(self) -> None:
         self._info.info({"version": __version__, "model": self._model})
@@ -324,6 +387,11 @@ class Metrics:
         An exception in fn() also leaves the metric out of that scrape.
         """
         self._gpu.callback = fn
+
+    def set_fast_path_callback(self, fn: Callable[[], Optional[FastPathState]]) -> None:
+        """fn() is called on every scrape (the HTTP server's thread) and
+        returns the model's fast path state, or None (then it is absent)."""
+        self._fast_path.callback = fn
 
     def add_scrape_hook(self, fn: Callable[[], None]) -> None:
         """fn() runs at the start of every scrape, on the scraping thread.

@@ -352,6 +352,14 @@ def _watch(metrics: Metrics, replies: Replies) -> None:
         if gpu_memory is not None:
             metrics.set_gpu_memory_callback(gpu_memory)
             break
+    # The fast path's state: the English model's (Turbo or Nano; Multilingual
+    # has none), while it is loaded.
+    backends = list(engine.models.values())
+    metrics.set_fast_path_callback(
+        lambda: next(
+            (s for s in (b.fast_path() for b in backends) if s is not None), None
+        )
+    )
 
 
 def _watch_connections(

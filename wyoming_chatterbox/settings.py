@@ -75,9 +75,10 @@ class FastPath:
     static_cache: bool = True
     # Replay each decode step as one CUDA graph (CUDA only; needs static_cache).
     cuda_graphs: bool = True
-    # T3's precision: auto is bfloat16 on CUDA, int8 on the CPU (int8 weights
-    # for the transformer's matrices, float32 activations: 1.7 times the tokens
-    # a second of float32 on 2 cores, docs/benchmarks.md).
+    # T3's precision: auto is bfloat16 on a GPU that runs it fast, float16 on
+    # Volta and Turing, float32 on older GPUs (resolved_dtype); int8 on the CPU
+    # (int8 weights for the transformer's matrices, float32 activations: 1.7
+    # times the tokens a second of float32 on 2 cores, docs/benchmarks.md).
     t3_dtype: str = "auto"
     # The precision of S3Gen's flow (its encoder and flow-matching decoder,
     # most of its work): bfloat16 runs their matrix products in bfloat16
@@ -117,10 +118,20 @@ class FastPath:
         if not 1 <= self.t3_batch <= 64:
             raise ValueError("--t3-batch must be 1 to 64")
 
-    def resolved_dtype(self, device: str) -> str:
+    def resolved_dtype(
+        self, device: str, capability: Optional[Tuple[int, int]] = None
+    ) -> str:
+        """T3's precision on `device`, a GPU of compute `capability`: bfloat16
+        from 8.0 (Ampere and later have bfloat16 tensor cores), float16 on
+        7.x (Volta, Turing: tensor cores for float16 only), float32 below
+        (Pascal's float16 is slow); int8 weights on the CPU."""
         if self.t3_dtype != "auto":
             return self.t3_dtype
-        return "bfloat16" if device.startswith("cuda") else "int8"
+        if not device.startswith("cuda"):
+            return "int8"
+        if capability is None or capability >= (8, 0):
+            return "bfloat16"
+        return "float16" if capability >= (7, 0) else "float32"
 
     def streams_in_group(self, device: str) -> bool:
         if self.stream_in_group is None:
@@ -135,14 +146,18 @@ class FastPath:
     def uses_graphs(self, device: str) -> bool:
         return self.static_cache and self.cuda_graphs and device.startswith("cuda")
 
-    def describe(self, device: str) -> str:
-        """One line for the startup log."""
+    def describe(
+        self, device: str, capability: Optional[Tuple[int, int]] = None
+    ) -> str:
+        """The switches in words (before the start-up self-check, which may
+        turn parts off: see the backend's own line)."""
+        dtype = self.resolved_dtype(device, capability)
         parts = [
             ("static KV cache" if self.static_cache else "library decode loop"),
             # The library's loop runs T3 as loaded: float32.
-            f"T3 in {self.resolved_dtype(device) if self.static_cache else 'float32'}",
+            f"T3 in {dtype if self.static_cache else 'float32'}",
         ]
-        if self.s3gen_dtype == "auto":
+        if self.s3gen_dtype == "auto" and not device.startswith("cuda"):
             parts.append("S3Gen's flow in bfloat16 if the CPU has it natively")
         elif self.s3gen_dtype != "float32":
             parts.append(f"S3Gen's flow in {self.s3gen_dtype}")

@@ -172,6 +172,7 @@ class ChatterboxBackend(SpeechBackend):
         ckpt_dir = self.settings.model_dir or self._find_model()
         self._use_folder(ckpt_dir)
         check_model_files(ckpt_dir, self.model_files, self.repo_id or self.model_name)
+        self._set_backend_flags()  # before anything runs on the device
         try:
             self.model = self._load_model(ckpt_dir)
         except ModelLoadError:
@@ -195,7 +196,6 @@ class ChatterboxBackend(SpeechBackend):
         # Loading freed what it read (and, int8, T3's float32 matrices); the
         # allocator keeps that unless told to give it back.
         trim_heap()
-        self._set_backend_flags()
         _LOGGER.info(
             "Loaded %s from %s on %s in %.1f s",
             self.model_name,
@@ -206,13 +206,20 @@ class ChatterboxBackend(SpeechBackend):
         self._prepare_voices()
 
     def _set_backend_flags(self) -> None:
-        """PyTorch's global switches for this device."""
+        """PyTorch's global switches, as upstream runs: PyTorch's defaults.
+
+        cuDNN's benchmark mode stays off: S3Gen's input length changes with
+        every call (and every piece), and benchmark mode would tune each
+        convolution again for each new length (stalls of 100 ms and more).
+        float32 matrix products stay exact (no TF32), convolutions may use
+        TF32 (PyTorch's default): upstream's float32 S3Gen numbers. Turning
+        either on needs a measurement first (script/gpu-check times both).
+        """
         import torch
 
-        if self.device.startswith("cuda"):
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = True
 
     def _prepare_voices(self) -> None:
         library = self.catalogue.library

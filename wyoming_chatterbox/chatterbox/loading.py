@@ -11,7 +11,7 @@ import hashlib
 import logging
 import threading
 from pathlib import Path
-from typing import Any, Dict, Iterator, Optional, Sequence
+from typing import Any, Dict, Iterator, Optional, Sequence, Tuple
 
 from ..settings import FastPath
 from ..speech import ModelLoadError
@@ -27,7 +27,9 @@ def resolve_device(requested: str) -> str:
     import torch
 
     if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            return "cpu"
+        requested = "cuda"
     if requested == "cpu":
         return "cpu"
     if requested == "cuda" or requested.startswith("cuda:"):
@@ -45,9 +47,50 @@ def resolve_device(requested: str) -> str:
                     f"--device {requested} does not exist: this machine has {count} "
                     f"CUDA device(s), cuda:0 to cuda:{count - 1}."
                 )
+        check_gpu_kernels(requested)
         return requested
     raise ModelLoadError(
         f"--device {requested} is not known; use auto, cpu, cuda or cuda:N."
+    )
+
+
+def gpu_has_kernels(arch_list: Sequence[str], capability: Tuple[int, int]) -> bool:
+    """A GPU runs code built for its own major version and an equal or lower
+    minor one (sm_XY), or PTX of an equal or lower capability (compute_XY),
+    which the driver compiles on the spot."""
+    major, minor = capability
+    for arch in arch_list:
+        kind, _, digits = arch.partition("_")
+        if not digits.isdigit() or len(digits) < 2:
+            continue  # e.g. sm_90a: code for that exact GPU only
+        built = (int(digits[:-1]), int(digits[-1]))
+        if kind == "sm" and built[0] == major and built[1] <= minor:
+            return True
+        if kind == "compute" and built <= capability:
+            return True
+    return False
+
+
+def check_gpu_kernels(device: str) -> None:
+    """Stop at start-up, saying what to do, where this PyTorch has no code for
+    the GPU (Blackwell on torch 2.6; Maxwell or Pascal on the CUDA 12.8
+    builds), rather than at the first request with "no kernel image is
+    available for execution on the device"."""
+    import torch
+
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    capability = torch.cuda.get_device_capability(index)
+    arch_list = torch.cuda.get_arch_list()
+    if not arch_list or gpu_has_kernels(arch_list, capability):
+        return
+    raise ModelLoadError(
+        f"{torch.cuda.get_device_name(index)} (compute capability "
+        f"{capability[0]}.{capability[1]}) cannot run PyTorch {torch.__version__}, "
+        f"which has code for {' '.join(arch_list)} only. Run script/setup again (it "
+        "installs the PyTorch this GPU needs), or build the Docker image with "
+        "--build-arg TORCH_VERSION=2.8.0 (Blackwell) or 2.6.0 (Maxwell, Pascal); "
+        "--device cpu runs without the GPU."
     )
 
 
@@ -142,9 +185,10 @@ def load_weights(module: Any, state: Dict[str, Any]) -> None:
 
 
 def resolved_fast_path(fast: FastPath, device: str) -> FastPath:
-    """The fast path with its "auto" precisions decided for this device and
-    CPU. ModelLoadError for int8 on a GPU."""
-    t3 = fast.resolved_dtype(device)
+    """The fast path with its "auto" precisions decided for this CPU (on a
+    GPU, T3's stays "auto": the self-check decides it from the GPU's compute
+    capability). ModelLoadError for int8 on a GPU."""
+    t3 = fast.resolved_dtype(device) if device == "cpu" else fast.t3_dtype
     if t3 == "int8" and device != "cpu":
         raise ModelLoadError(
             "--t3-dtype int8 runs on a CPU only; on a GPU use the default (bfloat16)"
