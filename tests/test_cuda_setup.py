@@ -84,7 +84,7 @@ def test_t3_runs_in_bfloat16_only_where_the_gpu_has_it_fast(
 ) -> None:
     fast = FastPath()
     assert fast.resolved_dtype("cuda:1", capability) == dtype
-    assert fast.resolved_dtype("cpu") == "float32"
+    assert fast.resolved_dtype("cpu") == "int8"  # int8 weights on a CPU
     assert FastPath(t3_dtype="float32").resolved_dtype("cuda", (9, 0)) == "float32"
     assert f"T3 in {dtype}" in fast.describe("cuda", capability)
 
