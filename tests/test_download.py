@@ -214,7 +214,8 @@ def test_each_loader_opens_exactly_what_is_downloaded(
             models=(model,), model_dir=folder, data_dir=tmp_path / "data", device="cpu"
         )
     )
-    with caplog.at_level(logging.INFO):
+    # (the package's logger: an earlier test may have left it above INFO)
+    with caplog.at_level(logging.INFO, logger="wyoming_chatterbox"):
         opened = opened_by(folder, backend.load)
     try:
         assert opened == present
