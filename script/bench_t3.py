@@ -140,7 +140,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     import torch
 
-    from wyoming_chatterbox.chatterbox.turbo import load_turbo_model
+    from wyoming_chatterbox.chatterbox.turbo_load import load_turbo_model
 
     if args.threads:
         torch.set_num_threads(args.threads)

@@ -179,7 +179,7 @@ def main() -> int:
     args = parser.parse_args()
     import torch
 
-    from wyoming_chatterbox.chatterbox.turbo import load_turbo_model
+    from wyoming_chatterbox.chatterbox.turbo_load import load_turbo_model
     from wyoming_chatterbox.settings import FastPath
 
     capability = torch.cuda.get_device_capability(args.device)

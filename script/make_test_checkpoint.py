@@ -1,13 +1,17 @@
 """Write a random-weight Chatterbox Turbo checkpoint that `--model-dir` loads.
 
 For tests and benchmarks only: no download, no real voice. The checkpoint has every
-file `ChatterboxTurboTTS.from_local` reads (ve, t3_turbo_v1, s3gen_meanflow, a GPT-2
-style tokenizer, conds.pt), so the server runs the real chatterbox code on it.
-With --multilingual it is a Chatterbox Multilingual checkpoint instead (see
-`build_multilingual`).
+file the server's loader reads (ve, t3_turbo_v1, s3gen_meanflow, a GPT-2 style
+tokenizer, conds.pt), so the server runs the real chatterbox code on it. With
+--nano it is a Chatterbox Nano checkpoint (t3_nano_v1, GPT-2 small: Nano's released
+size, small enough for tests); with --multilingual a Chatterbox Multilingual one
+(see `build_multilingual`).
 
 - T3 is a tiny GPT-2 (2 layers, width 128) unless --full asks for GPT-2 medium. The
   server learns the size from the weights themselves.
+- --shared-from DIR (a checkpoint this script wrote) links the files that do not
+  depend on T3 (ve, s3gen_meanflow, the tokenizer, conds.pt) instead of making them:
+  a Nano checkpoint beside a Turbo one costs only its T3.
 - The speech head is zeroed and its bias set so that only a few speech tokens and the
   stop token survive top-p: every generation ends after a handful of tokens
   (geometric, mean about 8) instead of running to the 1000-token cap.
@@ -79,27 +83,30 @@ def write_tokenizer(out: Path) -> None:
     )
 
 
-def build(out: Path, full: bool) -> None:
+# Files of a Turbo or Nano checkpoint that do not depend on T3.
+SHARED_FILES = ("ve.safetensors", "s3gen_meanflow.safetensors", "conds.pt")
+
+
+def write_t3(out: Path, full: bool, nano: bool) -> None:
+    """T3 at the size asked for, with the speech head that ends generations."""
     import torch
-    from chatterbox.models.s3gen import S3Gen
     from chatterbox.models.t3 import T3
     from chatterbox.models.t3.llama_configs import LLAMA_CONFIGS
     from chatterbox.models.t3.modules.t3_config import T3Config
-    from chatterbox.models.voice_encoder import VoiceEncoder
     from safetensors.torch import save_file
 
-    torch.manual_seed(0)
-    out.mkdir(parents=True, exist_ok=True)
-    started = time.monotonic()
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    from wyoming_chatterbox.chatterbox.turbo_load import NANO, TURBO
 
-    medium = LLAMA_CONFIGS["GPT2_medium"]
-    config = dict(medium)
-    if not full:
+    variant = NANO if nano else TURBO
+    config = variant.released_config() or dict(LLAMA_CONFIGS["GPT2_medium"])
+    if not full and not nano:
         config.update(TINY, hidden_size=TINY["n_embd"])
-    LLAMA_CONFIGS["GPT2_medium"] = config
+    saved = LLAMA_CONFIGS.get(variant.config_name)
+    LLAMA_CONFIGS[variant.config_name] = config
     try:
         hp = T3Config(text_tokens_dict_size=TEXT_VOCAB)
-        hp.llama_config_name = "GPT2_medium"
+        hp.llama_config_name = variant.config_name
         hp.speech_tokens_dict_size = SPEECH_VOCAB
         hp.input_pos_emb = None
         hp.speech_cond_prompt_len = 375
@@ -107,7 +114,10 @@ def build(out: Path, full: bool) -> None:
         hp.emotion_adv = False
         t3 = T3(hp)
     finally:
-        LLAMA_CONFIGS["GPT2_medium"] = medium
+        if saved is None:
+            del LLAMA_CONFIGS[variant.config_name]
+        else:
+            LLAMA_CONFIGS[variant.config_name] = saved
     with torch.no_grad():
         t3.speech_head.weight.zero_()
         t3.speech_head.bias.fill_(-30.0)
@@ -115,9 +125,42 @@ def build(out: Path, full: bool) -> None:
         t3.speech_head.bias[STOP_SPEECH_TOKEN] = 0.0
     save_file(
         {k: v.contiguous() for k, v in t3.state_dict().items()},
-        str(out / "t3_turbo_v1.safetensors"),
+        str(out / variant.t3_weights),
     )
-    del t3
+
+
+def link_shared(out: Path, source: Path) -> None:
+    """The T3-independent files of the checkpoint in `source`, as links."""
+    source = source.resolve()
+    names = [*SHARED_FILES, "tokenizer.json", "tokenizer_config.json"]
+    for name in names:
+        if not (source / name).is_file():
+            raise SystemExit(f"{source} lacks {name}: not a checkpoint of this script")
+        (out / name).unlink(missing_ok=True)
+        (out / name).symlink_to(source / name)
+
+
+def build(
+    out: Path, full: bool, nano: bool = False, shared_from: "Path | None" = None
+) -> None:
+    import torch
+    from chatterbox.models.s3gen import S3Gen
+    from chatterbox.models.voice_encoder import VoiceEncoder
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.monotonic()
+    write_t3(out, full, nano)
+    what = f"{'Nano' if nano else 'full-size' if full else 'tiny'} Chatterbox"
+    if shared_from is not None:
+        link_shared(out, shared_from)
+        print(
+            f"Wrote a random-weight {what} checkpoint to {out} (sharing "
+            f"{shared_from}'s other files) in {time.monotonic() - started:.1f} s",
+            file=sys.stderr,
+        )
+        return
 
     save_file(
         {k: v.contiguous() for k, v in VoiceEncoder().state_dict().items()},
@@ -136,7 +179,7 @@ def build(out: Path, full: bool) -> None:
     import soundfile
 
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    from wyoming_chatterbox.chatterbox.turbo import load_turbo_model
+    from wyoming_chatterbox.chatterbox.turbo_load import load_turbo_model
 
     model = load_turbo_model(out, "cpu")
     with tempfile.TemporaryDirectory() as tmp:
@@ -145,8 +188,8 @@ def build(out: Path, full: bool) -> None:
         model.prepare_conditionals(str(clip))
     model.conds.save(out / "conds.pt")
     print(
-        f"Wrote a random-weight {'full-size' if full else 'tiny'} Chatterbox Turbo "
-        f"checkpoint to {out} in {time.monotonic() - started:.1f} s",
+        f"Wrote a random-weight {what} checkpoint to {out} in "
+        f"{time.monotonic() - started:.1f} s",
         file=sys.stderr,
     )
 
@@ -231,9 +274,9 @@ def write_mtl_tokenizer(out: Path) -> None:
     )
 
 
-def build_multilingual(out: Path, full: bool) -> None:
-    """Every file ChatterboxMultilingualTTS.from_local reads: ve.pt,
-    t3_mtl23ls_v2.safetensors (tiny Llama unless --full), s3gen.pt (S3Gen without
+def build_multilingual(out: Path, full: bool, version: str = "v3") -> None:
+    """Every file the multilingual loader reads: ve.pt, t3_mtl23ls_VERSION.safetensors
+    (tiny Llama unless --full), s3gen.pt (S3Gen without
     meanflow, full size: it cannot be shrunk), the grapheme tokenizer, the Cangjie
     table and conds.pt (by the real prepare_conditionals on a 2 s synthetic clip).
 
@@ -270,7 +313,7 @@ def build_multilingual(out: Path, full: bool) -> None:
     metadata = {} if full else {"head_dim": str(MTL_TINY["head_dim"])}
     save_file(
         {k: v.contiguous() for k, v in t3.state_dict().items()},
-        str(out / "t3_mtl23ls_v2.safetensors"),
+        str(out / f"t3_mtl23ls_{version}.safetensors"),
         metadata=metadata,
     )
     del t3
@@ -311,16 +354,36 @@ def main() -> None:
         help="full-size T3 (GPT-2 medium; the released Llama with --multilingual) "
         "for benchmarks",
     )
-    parser.add_argument(
+    kind = parser.add_mutually_exclusive_group()
+    kind.add_argument(
         "--multilingual",
         action="store_true",
         help="a Chatterbox Multilingual checkpoint (ResembleAI/chatterbox files)",
     )
+    kind.add_argument(
+        "--nano",
+        action="store_true",
+        help="a Chatterbox Nano checkpoint (ResembleAI/chatterbox-nano files), "
+        "T3 at Nano's released size (GPT-2 small)",
+    )
+    parser.add_argument(
+        "--multilingual-version",
+        choices=("v2", "v3"),
+        default="v3",
+        help="with --multilingual: the T3 file's version (default: v3)",
+    )
+    parser.add_argument(
+        "--shared-from",
+        type=Path,
+        metavar="DIR",
+        help="Turbo or Nano: link the files that do not depend on T3 from the "
+        "checkpoint in DIR instead of making them",
+    )
     args = parser.parse_args()
     if args.multilingual:
-        build_multilingual(args.directory, args.full)
+        build_multilingual(args.directory, args.full, args.multilingual_version)
     else:
-        build(args.directory, args.full)
+        build(args.directory, args.full, args.nano, args.shared_from)
 
 
 if __name__ == "__main__":

@@ -77,7 +77,7 @@ def main() -> None:
     import torch
 
     from wyoming_chatterbox.chatterbox.s3stream import S3GenStreamer
-    from wyoming_chatterbox.chatterbox.turbo import load_turbo_model
+    from wyoming_chatterbox.chatterbox.turbo_load import load_turbo_model
     from wyoming_chatterbox.chatterbox.watermark import StreamWatermarker
 
     torch.manual_seed(args.seed)

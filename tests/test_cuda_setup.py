@@ -9,7 +9,7 @@ from unittest import mock
 import pytest
 import torch
 
-from wyoming_chatterbox.chatterbox.base import gpu_has_kernels, resolve_device
+from wyoming_chatterbox.chatterbox.loading import gpu_has_kernels, resolve_device
 from wyoming_chatterbox.settings import FastPath, ModelSettings
 from wyoming_chatterbox.speech import ModelLoadError
 
@@ -39,7 +39,7 @@ def test_loading_on_cuda_leaves_cudnn_and_tf32_as_upstream_runs(
     (TF32 allowed): upstream's numbers, whatever the flags were before."""
     from wyoming_chatterbox.chatterbox import base, turbo
 
-    for name in turbo.MODEL_FILES:
+    for name in turbo.TurboBackend.model_files:
         (tmp_path / name).write_bytes(b"x")
     torch.backends.cudnn.benchmark = True
     torch.backends.cuda.matmul.allow_tf32 = True
@@ -84,7 +84,7 @@ def test_t3_runs_in_bfloat16_only_where_the_gpu_has_it_fast(
 ) -> None:
     fast = FastPath()
     assert fast.resolved_dtype("cuda:1", capability) == dtype
-    assert fast.resolved_dtype("cpu") == "float32"
+    assert fast.resolved_dtype("cpu") == "int8"  # int8 weights on a CPU
     assert FastPath(t3_dtype="float32").resolved_dtype("cuda", (9, 0)) == "float32"
     assert f"T3 in {dtype}" in fast.describe("cuda", capability)
 

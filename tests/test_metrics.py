@@ -94,19 +94,22 @@ def test_a_finished_reply_updates_histograms_and_counters() -> None:
     reply(metrics, first_audio_s=1.2, total_s=0.8, audio_s=1.5, chars=20, groups=1)
     samples = scrape(metrics)
 
-    assert value(samples, f"{P}_requests_total", outcome="done", voice="default") == 2
+    assert (
+        value(samples, f"{P}_requests_total", outcome="done", voice="default", model="")
+        == 2
+    )
     assert value(samples, f"{P}_characters_total") == 140
     assert value(samples, f"{P}_audio_seconds_total") == 8.0
     assert value(samples, f"{P}_sentence_groups_total") == 4
 
     first = f"{P}_first_audio_seconds"
-    assert value(samples, f"{first}_count") == 2
-    assert value(samples, f"{first}_sum") == pytest.approx(1.5)
-    assert value(samples, f"{first}_bucket", le="0.2") == 0
-    assert value(samples, f"{first}_bucket", le="0.3") == 1  # le is inclusive
-    assert value(samples, f"{first}_bucket", le="1.0") == 1
-    assert value(samples, f"{first}_bucket", le="1.5") == 2
-    assert value(samples, f"{first}_bucket", le="+Inf") == 2
+    assert value(samples, f"{first}_count", model="") == 2
+    assert value(samples, f"{first}_sum", model="") == pytest.approx(1.5)
+    assert value(samples, f"{first}_bucket", le="0.2", model="") == 0
+    assert value(samples, f"{first}_bucket", le="0.3", model="") == 1  # le is inclusive
+    assert value(samples, f"{first}_bucket", le="1.0", model="") == 1
+    assert value(samples, f"{first}_bucket", le="1.5", model="") == 2
+    assert value(samples, f"{first}_bucket", le="+Inf", model="") == 2
     assert [
         float(le)
         for (name, labels) in samples
@@ -116,11 +119,11 @@ def test_a_finished_reply_updates_histograms_and_counters() -> None:
     ] == sorted(FIRST_AUDIO_BUCKETS)
 
     synthesis = f"{P}_synthesis_seconds"
-    assert value(samples, f"{synthesis}_count") == 2
-    assert value(samples, f"{synthesis}_sum") == pytest.approx(4.8)
-    assert value(samples, f"{synthesis}_bucket", le="0.5") == 0
-    assert value(samples, f"{synthesis}_bucket", le="1.0") == 1
-    assert value(samples, f"{synthesis}_bucket", le="5.0") == 2
+    assert value(samples, f"{synthesis}_count", model="") == 2
+    assert value(samples, f"{synthesis}_sum", model="") == pytest.approx(4.8)
+    assert value(samples, f"{synthesis}_bucket", le="0.5", model="") == 0
+    assert value(samples, f"{synthesis}_bucket", le="1.0", model="") == 1
+    assert value(samples, f"{synthesis}_bucket", le="5.0", model="") == 2
     assert SYNTHESIS_BUCKETS[0] == 0.1 and SYNTHESIS_BUCKETS[-1] == 60.0
 
 
@@ -141,16 +144,26 @@ def test_outcomes_and_what_each_records() -> None:
 
     for outcome in ("cancelled", "failed", "rejected"):
         assert (
-            value(samples, f"{P}_requests_total", outcome=outcome, voice="default") == 1
+            value(
+                samples,
+                f"{P}_requests_total",
+                outcome=outcome,
+                voice="default",
+                model="",
+            )
+            == 1
         )
     assert (
-        value(samples, f"{P}_requests_total", outcome="done", voice="default") is None
+        value(samples, f"{P}_requests_total", outcome="done", voice="default", model="")
+        is None
     )
     # first_audio_s None is not observed; the failed reply's 0.4 is.
-    assert value(samples, f"{P}_first_audio_seconds_count") == 1
-    assert value(samples, f"{P}_first_audio_seconds_sum") == pytest.approx(0.4)
+    assert value(samples, f"{P}_first_audio_seconds_count", model="") == 1
+    assert value(samples, f"{P}_first_audio_seconds_sum", model="") == pytest.approx(
+        0.4
+    )
     # Synthesis time is a whole reply's: only outcome done.
-    assert value(samples, f"{P}_synthesis_seconds_count") == 0
+    assert value(samples, f"{P}_synthesis_seconds_count", model="") is None
     # A rejected request's text was never synthesized.
     assert value(samples, f"{P}_characters_total") == 80
 
@@ -163,13 +176,23 @@ def test_voice_label_is_bounded() -> None:
     # A rejected request's voice is any string a client sent: not a label of its own.
     reply(metrics, outcome="rejected", voice="no-such-voice")
     samples = scrape(metrics)
-    assert value(samples, f"{P}_requests_total", outcome="rejected", voice="other") == 1
+    assert (
+        value(
+            samples, f"{P}_requests_total", outcome="rejected", voice="other", model=""
+        )
+        == 1
+    )
 
     # A rejected request for a voice spoken before keeps that voice.
     reply(metrics, voice="alice")
     reply(metrics, outcome="rejected", voice="alice")
     samples = scrape(metrics)
-    assert value(samples, f"{P}_requests_total", outcome="rejected", voice="alice") == 1
+    assert (
+        value(
+            samples, f"{P}_requests_total", outcome="rejected", voice="alice", model=""
+        )
+        == 1
+    )
 
     for n in range(MAX_VOICE_LABELS + 10):
         reply(metrics, voice=f"v{n}")
@@ -181,7 +204,10 @@ def test_voice_label_is_bounded() -> None:
     }
     assert len(voices) == MAX_VOICE_LABELS + 1  # the cap and "other"
     assert "alice" in voices and "other" in voices
-    assert value(samples, f"{P}_requests_total", outcome="done", voice="other") == 11
+    assert (
+        value(samples, f"{P}_requests_total", outcome="done", voice="other", model="")
+        == 11
+    )
 
 
 def test_gauges() -> None:
@@ -189,9 +215,10 @@ def test_gauges() -> None:
     samples = scrape(metrics)
     assert value(samples, f"{P}_queue_depth") == 0
     assert value(samples, f"{P}_active_replies") == 0
-    assert value(samples, f"{P}_model_loaded") == 0
+    assert value(samples, f"{P}_model_loaded", model="turbo") is None  # unknown yet
 
-    metrics.set_model_loaded(True)
+    metrics.set_model_loaded(True, "turbo")
+    metrics.set_model_loaded(False, "multilingual")
     metrics.set_active_replies(2)
     # The engine's worker thread sets the queue depth.
     worker = threading.Thread(target=metrics.set_queue_depth, args=(5,))
@@ -200,15 +227,47 @@ def test_gauges() -> None:
     samples = scrape(metrics)
     assert value(samples, f"{P}_queue_depth") == 5
     assert value(samples, f"{P}_active_replies") == 2
-    assert value(samples, f"{P}_model_loaded") == 1
+    assert value(samples, f"{P}_model_loaded", model="turbo") == 1
+    assert value(samples, f"{P}_model_loaded", model="multilingual") == 0
 
-    metrics.set_model_loaded(False)
+    metrics.set_model_loaded(False, "turbo")
     metrics.set_active_replies(0)
     metrics.set_queue_depth(0)
     samples = scrape(metrics)
     assert value(samples, f"{P}_queue_depth") == 0
     assert value(samples, f"{P}_active_replies") == 0
-    assert value(samples, f"{P}_model_loaded") == 0
+    assert value(samples, f"{P}_model_loaded", model="turbo") == 0
+
+
+def test_replies_are_counted_per_model() -> None:
+    metrics = Metrics()
+    reply(metrics, model="turbo", first_audio_s=0.2)
+    reply(metrics, model="multilingual", first_audio_s=1.5)
+    reply(metrics, model="multilingual", outcome="cancelled", first_audio_s=None)
+    reply(metrics, model="multilingual", outcome="rejected", voice="zed")
+    samples = scrape(metrics)
+    requests = f"{P}_requests_total"
+    assert value(samples, requests, outcome="done", voice="default", model="turbo") == 1
+    assert (
+        value(samples, requests, outcome="done", voice="default", model="multilingual")
+        == 1
+    )
+    assert (
+        value(
+            samples,
+            requests,
+            outcome="cancelled",
+            voice="default",
+            model="multilingual",
+        )
+        == 1
+    )
+    # A rejected request reached no model.
+    assert value(samples, requests, outcome="rejected", voice="other", model="") == 1
+    first = f"{P}_first_audio_seconds"
+    assert value(samples, f"{first}_sum", model="turbo") == pytest.approx(0.2)
+    assert value(samples, f"{first}_sum", model="multilingual") == pytest.approx(1.5)
+    assert value(samples, f"{P}_synthesis_seconds_count", model="multilingual") == 1
 
 
 def test_gpu_memory_is_read_at_scrape_time() -> None:
@@ -248,12 +307,12 @@ def test_scrape_hooks_run_before_the_gauges_are_read() -> None:
     metrics = Metrics()
     depth = [4]
     metrics.add_scrape_hook(lambda: metrics.set_queue_depth(depth[0]))
-    metrics.add_scrape_hook(lambda: metrics.set_model_loaded(depth[0] > 0))
+    metrics.add_scrape_hook(lambda: metrics.set_model_loaded(depth[0] > 0, "turbo"))
     assert value(scrape(metrics), f"{P}_queue_depth") == 4
     depth[0] = 0
     samples = scrape(metrics)
     assert value(samples, f"{P}_queue_depth") == 0
-    assert value(samples, f"{P}_model_loaded") == 0
+    assert value(samples, f"{P}_model_loaded", model="turbo") == 0
 
     def broken() -> None:
         raise RuntimeError("engine gone")
@@ -276,7 +335,8 @@ def test_two_instances_do_not_share_state() -> None:
     first.set_model_name("turbo")
     samples = scrape(second)
     assert (
-        value(samples, f"{P}_requests_total", outcome="done", voice="default") is None
+        value(samples, f"{P}_requests_total", outcome="done", voice="default", model="")
+        is None
     )
     assert value(samples, f"{P}_characters_total") == 0
     assert value(samples, f"{P}_queue_depth") == 0
@@ -300,10 +360,11 @@ def test_concurrent_updates_all_count() -> None:
         thread.join()
     samples = scrape(metrics)
     assert (
-        value(samples, f"{P}_requests_total", outcome="done", voice="default") == 1600
+        value(samples, f"{P}_requests_total", outcome="done", voice="default", model="")
+        == 1600
     )
     assert value(samples, f"{P}_characters_total") == 1600
-    assert value(samples, f"{P}_first_audio_seconds_count") == 1600
+    assert value(samples, f"{P}_first_audio_seconds_count", model="") == 1600
 
 
 def http_get(url: str) -> Tuple[int, str, str]:
@@ -329,7 +390,14 @@ async def test_serves_metrics_over_http() -> None:
         samples = parse(body)
         assert value(samples, f"{P}_info", version=__version__, model="turbo") == 1
         assert (
-            value(samples, f"{P}_requests_total", outcome="done", voice="default") == 1
+            value(
+                samples,
+                f"{P}_requests_total",
+                outcome="done",
+                voice="default",
+                model="",
+            )
+            == 1
         )
         # Later updates show in the next scrape.
         metrics.set_queue_depth(3)

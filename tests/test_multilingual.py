@@ -1,6 +1,7 @@
 """Chatterbox Multilingual: the real chatterbox code on a random-weight checkpoint.
 
-The checkpoint comes from `script/make_test_checkpoint.py --multilingual`: a tiny
+The checkpoint comes from `script/make_test_checkpoint.py --multilingual` (T3 as
+v3's file; tests/test_download.py loads it as a v2-only folder too): a tiny
 Llama T3 (14 layers, so upstream's alignment analyzer runs), the real-size S3Gen, a
 small grapheme tokenizer and a 2 s built-in voice. Its speech head lets 8 speech
 tokens and the stop token through; the analyzer holds the stop token back and forces
@@ -25,12 +26,10 @@ from typing import Any, Callable, Iterator, List, Optional, Tuple
 import numpy as np
 import pytest
 
+from tests.test_model import checkpoint  # noqa: F401
 from wyoming_chatterbox.chatterbox import multilingual, multilingual_loop
-from wyoming_chatterbox.chatterbox.base import (
-    SAMPLES_PER_TOKEN,
-    SPEECH_VOCAB_REAL,
-    llama_config_as,
-)
+from wyoming_chatterbox.chatterbox.base import SAMPLES_PER_TOKEN, SPEECH_VOCAB_REAL
+from wyoming_chatterbox.chatterbox.loading import llama_config_as
 from wyoming_chatterbox.chatterbox.multilingual import (
     DEFAULT_PARAMS,
     MultilingualBackend,
@@ -165,7 +164,7 @@ def test_missing_files_are_named(tmp_path: Path) -> None:
         backend.load()
     message = str(caught.value)
     for name in (
-        "t3_mtl23ls_v2.safetensors",
+        "t3_mtl23ls_v3.safetensors",  # the default version
         "s3gen.pt",
         "grapheme_mtl_merged_expanded_v1.json",
         "Cangjie5_TC.json",
@@ -182,7 +181,7 @@ def test_t3_size_is_read_from_the_weights(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
     released = LLAMA_CONFIGS["Llama_520M"]
-    path = tmp_path / multilingual.T3_WEIGHTS
+    path = tmp_path / multilingual.T3_BY_VERSION["v3"]
 
     def write(
         layers: int, heads: int, head_dim: int, ffn: int, metadata: Any = None
@@ -202,7 +201,7 @@ def test_t3_size_is_read_from_the_weights(tmp_path: Path) -> None:
 
     def t3_size_of(where: Path) -> Any:
         """What load_multilingual_model does around from_local."""
-        size = multilingual._t3_size(where)
+        size = multilingual._t3_size(where / path.name)
         return llama_config_as("Llama_520M", size, where)
 
     write(30, 16, 64, 4096)  # the released model: nothing swapped
@@ -644,3 +643,55 @@ def test_very_short_texts_are_spoken(model: Any, text: str) -> None:
             model, model.conds, text, "de", DEFAULT_PARAMS, Budget(max_tokens=150)
         )
         assert tokens > 0 and len(audio) == SAMPLES_PER_TOKEN * tokens
+
+
+@pytest.mark.model
+async def test_one_server_speaks_english_on_turbo_and_the_rest_on_multilingual(
+    checkpoint: Path,  # noqa: F811
+    mtl_checkpoint: Path,
+    tmp_path: Path,
+    serve_backend: Any,
+) -> None:
+    """`--model turbo --model multilingual`: one Info with Turbo's English voices
+    and Multilingual's others, each request on its own model."""
+    from wyoming.info import Describe, Info
+    from wyoming.tts import Synthesize, SynthesizeVoice
+
+    from tests.wyoming_client import connect
+    from wyoming_chatterbox.chatterbox import make_backends
+    from wyoming_chatterbox.settings import Settings
+
+    settings = Settings.of(
+        models=("turbo", "multilingual"),
+        model_dirs={
+            "turbo": checkpoint,
+            "multilingual": mtl_checkpoint,
+        },
+        data_dir=tmp_path,
+        device="cpu",
+        default_voice="default",
+        warm_up=False,
+    )
+    backends = make_backends(settings.model)
+    async with serve_backend(backends, settings) as server:
+        async with connect(server.port) as client:
+            await client.send(Describe().event())
+            event = await client.read()
+            assert event is not None
+            program = Info.from_event(event).tts[0]
+            names = [voice.name for voice in program.voices]
+            assert names[0] == "default" and program.voices[0].languages == ["en"]
+            assert names[1:] == [
+                f"default@{code}" for code in LANGUAGES if code != "en"
+            ]
+            assert "Chatterbox Turbo and Chatterbox Multilingual" in (
+                program.description or ""
+            )
+            for voice, text in (("default@de", "Hallo!"), ("default", "Hello there.")):
+                await client.send(
+                    Synthesize(text=text, voice=SynthesizeVoice(name=voice)).event()
+                )
+                reply = await client.read_reply(timeout=120)
+                assert reply.compact_types()[0] == "audio-start"
+    assert [s.chars for s in backends["multilingual"].group_stats] == [6]
+    assert [s.chars for s in backends["turbo"].group_stats] == [12]

@@ -74,7 +74,7 @@ async def test_metrics_follow_the_replies(caplog: pytest.LogCaptureFixture) -> N
     with caplog.at_level(logging.INFO, logger="wyoming_chatterbox"):
         async with metered_server(backend) as (port, metrics_port):
             before = await scrape(metrics_port)
-            assert before[f"{P}_model_loaded{{}}"] == 1
+            assert before[f"{P}_model_loaded{{model=model}}"] == 1
             assert before[f"{P}_active_replies{{}}"] == 0
             async with connect(port) as client:
                 await client.send(Synthesize(text="One. Two sentences here.").event())
@@ -91,16 +91,20 @@ async def test_metrics_follow_the_replies(caplog: pytest.LogCaptureFixture) -> N
                 await asyncio.to_thread(backend.started.wait, 5)
             for _ in range(100):
                 after = await scrape(metrics_port)
-                if after.get(f"{P}_requests_total{{outcome=cancelled,voice=default}}"):
+                if after.get(
+                    f"{P}_requests_total{{model=model,outcome=cancelled,voice=default}}"
+                ):
                     break
                 await asyncio.sleep(0.05)
 
-    assert after[f"{P}_requests_total{{outcome=done,voice=default}}"] == 1
-    assert after[f"{P}_requests_total{{outcome=rejected,voice=other}}"] == 1
-    assert after[f"{P}_requests_total{{outcome=cancelled,voice=default}}"] == 1
-    assert after[f"{P}_first_audio_seconds_count{{}}"] == 1
-    assert 0 < after[f"{P}_first_audio_seconds_sum{{}}"] < 2
-    assert after[f"{P}_synthesis_seconds_count{{}}"] == 1
+    assert after[f"{P}_requests_total{{model=model,outcome=done,voice=default}}"] == 1
+    assert after[f"{P}_requests_total{{model=,outcome=rejected,voice=other}}"] == 1
+    assert (
+        after[f"{P}_requests_total{{model=model,outcome=cancelled,voice=default}}"] == 1
+    )
+    assert after[f"{P}_first_audio_seconds_count{{model=model}}"] == 1
+    assert 0 < after[f"{P}_first_audio_seconds_sum{{model=model}}"] < 2
+    assert after[f"{P}_synthesis_seconds_count{{model=model}}"] == 1
     assert after[f"{P}_sentence_groups_total{{}}"] == 3
     assert after[f"{P}_audio_seconds_total{{}}"] == pytest.approx(
         fake_samples("One. Two sentences here.") / 24000, abs=0.01
@@ -110,12 +114,14 @@ async def test_metrics_follow_the_replies(caplog: pytest.LogCaptureFixture) -> N
     lines = [r.getMessage() for r in caplog.records if "Reply " in r.getMessage()]
     assert len(lines) == 2  # the rejected request has no reply line
     done = re.fullmatch(
-        r"Reply done: voice=default language=en chars=24 groups=2 "
+        r"Reply done: model=model voice=default language=en chars=24 groups=2 "
         r"first_audio=\d\.\d{3}s total=\d\.\d\ds audio=0\.09s rtf=\d+\.\d\d",
         lines[0],
     )
     assert done, lines[0]
-    assert lines[1].startswith("Reply cancelled: voice=default language=en chars=11")
+    assert lines[1].startswith(
+        "Reply cancelled: model=model voice=default language=en chars=11"
+    )
     assert "first_audio=- " in lines[1]
 
 

@@ -29,7 +29,7 @@ from wyoming_chatterbox.speech import ModelLoadError
 pytestmark = pytest.mark.model
 
 SELF_CHECK = "wyoming_chatterbox.chatterbox.self_check"
-BASE = "wyoming_chatterbox.chatterbox.base"
+LOADING = "wyoming_chatterbox.chatterbox.loading"
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -54,7 +54,7 @@ def fake_cuda(monkeypatch: Any) -> FakeCuda:
 
 @pytest.fixture(scope="module")
 def model(checkpoint: Path) -> Any:  # noqa: F811
-    from wyoming_chatterbox.chatterbox.turbo import load_turbo_model
+    from wyoming_chatterbox.chatterbox.turbo_load import load_turbo_model
 
     return load_turbo_model(checkpoint, "cpu")
 
@@ -99,7 +99,9 @@ def test_the_decoder_check_tells_a_right_decoder_from_a_wrong_one(lively: Any) -
 
 
 def _prepare(model: Any, **switches: Any) -> self_check.Setup:
-    return self_check.prepare_fast_path(model, FastPath(**switches), "cpu")
+    # The fake GPU is the CPU, where "auto" is int8: a GPU's T3 is a float type.
+    fast = FastPath(**{"t3_dtype": "float32", **switches})
+    return self_check.prepare_fast_path(model, fast, "cpu")
 
 
 def test_a_wrong_low_precision_decoder_falls_back_to_float32_then_the_library(
@@ -282,15 +284,15 @@ async def test_the_server_starts_warns_and_speaks_with_the_eager_step(
             model_dir=checkpoint,
             data_dir=tmp_path,
             device="cpu",
-            fast=FastPath(stream_in_group=False, t3_batch=2),
+            fast=FastPath(t3_dtype="float32", stream_in_group=False, t3_batch=2),
         )
     )
     metrics = Metrics()
     with caplog.at_level(logging.INFO, logger="wyoming_chatterbox"):
         async with _server(backend, metrics) as port:
             warnings = [r for r in caplog.records if r.levelno >= logging.WARNING]
-            # (base warns that this is a test checkpoint)
-            assert [r.name for r in warnings if r.name != BASE] == [SELF_CHECK]
+            # (loading warns that this is a test checkpoint)
+            assert [r.name for r in warnings if r.name != LOADING] == [SELF_CHECK]
             assert (
                 warnings[-1].getMessage().startswith("CUDA graphs are off: over 1 row")
             )

@@ -3,7 +3,7 @@
 Every default comes from settings.py; a flag that cannot work (a bad value, a
 missing folder) ends the process with exit code 1 and one sentence.
 
-Long (~470 lines): one declaration per flag, and nothing else to split off.
+Long (~550 lines): one declaration per flag, and nothing else to split off.
 """
 
 import argparse
@@ -11,7 +11,7 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Optional
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from . import __version__
 from .discovery import default_service_name
@@ -28,12 +28,15 @@ from .settings import (
     DEFAULT_MAX_TEXT_CHARS,
     DEFAULT_METRICS_HOST,
     DEFAULT_MODEL,
+    DEFAULT_MULTILINGUAL_VERSION,
     DEFAULT_SAMPLES_PER_CHUNK,
     DEFAULT_STREAM_TIMEOUT,
     DEFAULT_T3_BATCH,
     DEFAULT_URI,
     LOG_FORMAT,
     MODELS,
+    MULTILINGUAL_VERSIONS,
+    S3GEN_DTYPES,
     T3_DTYPES,
     FastPath,
     Settings,
@@ -101,6 +104,26 @@ def _positive_float(text: str) -> float:
     return value
 
 
+def _models(text: str) -> List[str]:
+    """turbo, or several: turbo,multilingual."""
+    names = [name.strip().lower() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in MODELS]
+    if not names or unknown:
+        raise argparse.ArgumentTypeError(
+            f"choose from {', '.join(MODELS)} (several: turbo,multilingual); "
+            f"not {text!r}"
+        )
+    return names
+
+
+def _model_dir(text: str) -> Tuple[Optional[str], Path]:
+    """DIR, or MODEL=DIR when several models are served."""
+    key, sep, rest = text.partition("=")
+    if sep and key.strip().lower() in MODELS:
+        return key.strip().lower(), Path(rest)
+    return None, Path(text)
+
+
 def _seconds(text: str) -> float:
     value = float(text)
     if not 0.0 <= value <= 5.0:
@@ -113,14 +136,25 @@ def build_parser() -> argparse.ArgumentParser:
     defaults = SamplingParams()
     parser = argparse.ArgumentParser(
         prog="wyoming_chatterbox",
-        description="Wyoming text-to-speech server for Chatterbox Turbo",
+        description="Wyoming text-to-speech server for Chatterbox (Turbo, Nano, Multilingual)",
     )
     parser.add_argument(
         "--model",
-        choices=MODELS,
-        default=DEFAULT_MODEL,
-        help="turbo: Chatterbox Turbo, English, fastest (default); multilingual: "
-        "Chatterbox Multilingual, 23 languages",
+        type=_models,
+        action="append",
+        metavar="MODEL",
+        help="turbo: Chatterbox Turbo, English (default); nano: Chatterbox Nano, "
+        "English, small and fast enough for a CPU; multilingual: Chatterbox "
+        "Multilingual, 23 languages. Give two (--model turbo --model "
+        "multilingual, or turbo,multilingual) to serve English on the English "
+        "model and the other languages on the multilingual one",
+    )
+    parser.add_argument(
+        "--multilingual-version",
+        choices=MULTILINGUAL_VERSIONS,
+        default=DEFAULT_MULTILINGUAL_VERSION,
+        help="Chatterbox Multilingual's T3 weights: v3 (June 2026, recommended "
+        "upstream; default) or v2",
     )
     parser.add_argument(
         "--uri",
@@ -129,9 +163,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument(
         "--model-dir",
-        type=Path,
+        type=_model_dir,
+        action="append",
+        metavar="[MODEL=]DIR",
         help="folder with the model files; without it, the model is downloaded "
-        "from Hugging Face on first run into --data-dir",
+        "from Hugging Face on first run into --data-dir. With several models, "
+        "one per model: --model-dir multilingual=DIR",
     )
     parser.add_argument(
         "--data-dir",
@@ -326,7 +363,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
     """The fast path's flags (shared by the server and script/bench)."""
-    group = parser.add_argument_group("speed (Chatterbox Turbo)")
+    group = parser.add_argument_group("speed (Chatterbox Turbo and Nano)")
     group.add_argument(
         "--no-static-cache",
         action="store_true",
@@ -342,7 +379,20 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
         choices=T3_DTYPES,
         default="auto",
         help="T3 precision (default: bfloat16 on GPUs of compute capability 8.0 "
-        "and up, float16 on 7.x, float32 on older GPUs and the CPU)",
+        "and up, float16 on 7.x, float32 on older GPUs, int8 weights on the CPU)",
+    )
+    group.add_argument(
+        "--s3gen-dtype",
+        choices=S3GEN_DTYPES,
+        default="auto",
+        help="precision of S3Gen's flow (default: bfloat16 on CPUs that compute it "
+        "natively, Intel AMX or AVX512-BF16; float32 elsewhere)",
+    )
+    group.add_argument(
+        "--cpu-threads",
+        type=int,
+        metavar="N",
+        help="threads PyTorch uses on the CPU (default: one per core)",
     )
     streaming = group.add_mutually_exclusive_group()
     streaming.add_argument(
@@ -388,6 +438,8 @@ def fast_path(args: argparse.Namespace) -> FastPath:
         static_cache=not args.no_static_cache,
         cuda_graphs=not args.no_cuda_graphs,
         t3_dtype=args.t3_dtype,
+        s3gen_dtype=args.s3gen_dtype,
+        cpu_threads=args.cpu_threads,
         stream_in_group=args.stream_in_group,
         first_piece_tokens=args.first_piece_tokens,
         max_piece_tokens=max(DEFAULT_MAX_PIECE_TOKENS, args.first_piece_tokens),
@@ -403,9 +455,12 @@ def settings_from(args: argparse.Namespace) -> Settings:
         for name in PARAM_FLAGS
         if getattr(args, name) is not None
     }
+    models, model_dir, model_dirs = _model_choice(args)
     return Settings.of(
-        model=args.model,
-        model_dir=args.model_dir,
+        models=models,
+        model_dir=model_dir,
+        model_dirs=model_dirs,
+        multilingual_version=args.multilingual_version,
         data_dir=args.data_dir,
         voices_dir=args.voices_dir,
         device=args.device,
@@ -434,6 +489,30 @@ def settings_from(args: argparse.Namespace) -> Settings:
     )
 
 
+def _model_choice(
+    args: argparse.Namespace,
+) -> Tuple[Tuple[str, ...], Optional[Path], Dict[str, Path]]:
+    """The models, the only one's folder, the folders by model; ValueError for
+    a folder given twice or not said whose."""
+    models = tuple(name for group in args.model or [[DEFAULT_MODEL]] for name in group)
+    model_dir: Optional[Path] = None
+    model_dirs: Dict[str, Path] = {}
+    for key, folder in args.model_dir or []:
+        if key is None and len(models) == 1:
+            key = models[0]
+        if key is None:
+            raise ValueError(
+                f"--model-dir {folder}: say which model's folder it is, e.g. "
+                f"--model-dir {models[0]}={folder}"
+            )
+        if key in model_dirs:
+            raise ValueError(f"--model-dir: {key}'s folder is given twice")
+        model_dirs[key] = folder
+    if len(models) == 1 and set(model_dirs) <= {models[0]}:
+        model_dir = model_dirs.pop(models[0], None)
+    return models, model_dir, model_dirs
+
+
 def _setup_logging(args: argparse.Namespace) -> None:
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.INFO, format=args.log_format
@@ -452,10 +531,8 @@ def _setup_logging(args: argparse.Namespace) -> None:
 def main(argv: Optional[list] = None) -> None:
     args = build_parser().parse_args(argv)
     _setup_logging(args)
-    for flag, folder in (
-        ("--model-dir", args.model_dir),
-        ("--voices-dir", args.voices_dir),
-    ):
+    folders = [("--model-dir", folder) for _, folder in args.model_dir or []]
+    for flag, folder in [*folders, ("--voices-dir", args.voices_dir)]:
         if folder is not None and not folder.is_dir():
             _LOGGER.error("%s %s is not a folder.", flag, folder)
             sys.exit(1)

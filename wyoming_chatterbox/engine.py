@@ -1,15 +1,17 @@
-"""The scheduler: one worker thread owns the model and runs every reply's groups.
+"""The scheduler: one worker thread owns the models and runs every reply's groups.
 
-The event loop never runs the model. A reply opens a `SynthesisStream`: sentence
-groups go in, audio pieces come out, in order. The worker takes turns between
-the streams with work, one piece (or one model step) at a time, and makes at most
-`max_groups_ahead` groups beyond what a stream's reader has taken.
+The event loop never runs a model. A reply opens a `SynthesisStream` on one
+model (its voice's: models.ModelSet): sentence groups go in, audio pieces come
+out, in order. The worker takes turns between the streams with work, one piece
+(or one model step) at a time, whatever their models, and makes at most
+`max_groups_ahead` groups beyond what a stream's reader has taken. Each model
+is loaded, batched, idle-unloaded and reloaded on its own.
 
 Each stream's scheduling state is one `StreamState` that only the worker touches (on
 its thread, or under its lock in the methods a handle calls). This module knows
 nothing about torch, Wyoming or text; it must not block the event loop.
 
-Long (~500 lines): the worker's scheduling and the model's life (load, warm-up,
+Long (~580 lines): the worker's scheduling and the models' lives (load, warm-up,
 idle unload, reload) share one lock and one thread.
 """
 
@@ -18,17 +20,19 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Callable, Deque, Dict, List, Optional
+from typing import Callable, Deque, Dict, List, Mapping, Optional, Tuple, Union
 
 import numpy as np
 
 from .loudness import LoudnessNormalizer
 from .memory import give_back, resident_bytes
+from .models import ModelSet
 from .settings import EngineSettings
 from .speech import (
     Budget,
     EngineError,
     Piece,
+    ResolvedVoice,
     SamplingParams,
     SpeechBackend,
     SpeechJob,
@@ -41,7 +45,8 @@ _LOGGER = logging.getLogger(__name__)
 
 
 class EngineWorker:
-    """Owns a SpeechBackend on one thread and runs its jobs."""
+    """Owns the SpeechBackends (one per model) on one thread and runs their
+    jobs."""
 
     # release_lead = RELEASE_LEAD_FACTOR * (time to a group's first piece) +
     # RELEASE_MARGIN_S: early rather than late, since late is a silence and
@@ -52,28 +57,31 @@ class EngineWorker:
 
     def __init__(
         self,
-        backend: SpeechBackend,
+        backends: Union[SpeechBackend, Mapping[str, SpeechBackend]],
         settings: EngineSettings = EngineSettings(),
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self.backend = backend
+        self.models = ModelSet(backends)
+        # The first model's backend (the only one, for most servers).
+        self.backend = self.models[self.models.first]
         self.settings = settings
         self.clock = clock
-        self._last_active = clock()
-        # Whether the backend holds its model now (False after an idle unload).
-        self.model_loaded = False
-        # Last reply's loudness gain per voice: the start for a reply whose first
-        # piece is too short to measure. Worker thread only.
-        self._voice_gain: Dict[str, float] = {}
+        # Per model: when it last served, and whether it holds its weights now
+        # (False after an idle unload).
+        self._last_active = {key: clock() for key in self.models}
+        self._resident = {key: False for key in self.models}
+        # Last reply's loudness gain per (model, voice): the start for a reply
+        # whose first piece is too short to measure. Worker thread only.
+        self._voice_gain: Dict[Tuple[str, str], float] = {}
         self._cond = threading.Condition()
         self._streams: Deque[StreamState] = deque()
         # Cancelled streams, which may have left a group half-spoken: the worker
         # closes it (its backend state, e.g. a KV cache slot, is the worker's).
         self._abandoned: List[StreamState] = []
         self._stopping = False
-        # Seconds from beginning a group to its first piece, smoothed: how long
-        # ahead a listener's new text must reach the worker (release_lead).
-        self._first_piece_s: Optional[float] = None
+        # Seconds from beginning a group to its first piece, smoothed, per
+        # model: how long ahead a listener's new text must reach the worker.
+        self._first_piece_s: Dict[str, float] = {}
         self._background_due = True  # backend.background_work may have work
         self._thread: Optional[threading.Thread] = None
         self._loaded: "Optional[asyncio.Future[None]]" = None
@@ -81,7 +89,20 @@ class EngineWorker:
 
     @property
     def sample_rate(self) -> int:
-        return self.backend.sample_rate
+        return self.models.sample_rate
+
+    @property
+    def model_name(self) -> str:
+        return self.models.model_name
+
+    @property
+    def model_loaded(self) -> bool:
+        """Whether every model holds its weights now."""
+        return all(self._resident.values())
+
+    def loaded(self) -> Dict[str, bool]:
+        """Per model, whether it holds its weights now."""
+        return dict(self._resident)
 
     @property
     def max_groups_ahead(self) -> int:
@@ -124,11 +145,16 @@ class EngineWorker:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
 
     def voices(self) -> List[VoiceInfo]:
-        """The backend's voices, after a fresh look for new ones; new voices are
+        """Every model's voices, after a fresh look for new ones; new voices are
         then prepared in the background."""
-        voices = self.backend.voices()
+        voices = self.models.voices()
         self.wake()
         return voices
+
+    def resolve_voice(self, name: str, language: Optional[str]) -> ResolvedVoice:
+        """The voice a request names, and which model speaks it (UnknownVoice
+        if none)."""
+        return self.models.resolve(name, language)
 
     def open_stream(
         self,
@@ -136,15 +162,20 @@ class EngineWorker:
         params: SamplingParams,
         language: str = "",
         whole: bool = False,
+        model: Optional[str] = None,
     ) -> SynthesisStream:
-        """A new reply; `whole` when its listener waits for all of it before
-        playing (a one-shot synthesize), so pieces within a group are no use."""
+        """A new reply on `model` (None: the first); `whole` when its listener
+        waits for all of it before playing (a one-shot synthesize), so pieces
+        within a group are no use."""
+        key = self.models.first if model is None else model
+        if key not in self.models:
+            raise KeyError(f"no model {key!r} on this server")
         stream = SynthesisStream(
-            self, SpeechJob("", voice, language, params, whole=whole)
+            self, SpeechJob("", voice, language, params, whole=whole), key
         )
         with self._cond:
             self._streams.append(stream._state)
-            self._last_active = self.clock()
+            self._last_active[key] = self.clock()
             self._cond.notify_all()
         return stream
 
@@ -159,12 +190,13 @@ class EngineWorker:
         with self._cond:
             return sum(len(stream.pending) for stream in self._streams)
 
-    def release_lead(self) -> float:
+    def release_lead(self, model: Optional[str] = None) -> float:
         """Seconds of audio a listener should still have when new text is handed
-        to the worker, for its first piece to come before the audio runs out."""
-        first_piece = self._first_piece_s
-        if first_piece is None:
-            first_piece = self.FIRST_PIECE_GUESS_S
+        to the worker, for its first piece (on `model`: None, the first) to
+        come before the audio runs out."""
+        first_piece = self._first_piece_s.get(
+            self.models.first if model is None else model, self.FIRST_PIECE_GUESS_S
+        )
         return self.RELEASE_LEAD_FACTOR * first_piece + self.RELEASE_MARGIN_S
 
     # --- what a SynthesisStream asks for (event loop; under the lock) ---
@@ -223,7 +255,8 @@ class EngineWorker:
                     return None
             if not source.audio_started:
                 return 0.0  # nothing spoken yet (the first group was unspeakable)
-            return source.deadline - self.clock() - self.release_lead()
+            lead = self.release_lead(stream.model)
+            return source.deadline - self.clock() - lead
 
     # --- the worker thread ---
 
@@ -240,7 +273,7 @@ class EngineWorker:
     def _drop_locked(self, stream: StreamState) -> None:
         if stream in self._streams:
             self._streams.remove(stream)
-            self._last_active = self.clock()
+            self._last_active[stream.model] = self.clock()
 
     def _end_if_done_locked(self, stream: StreamState) -> None:
         if stream.done():
@@ -261,9 +294,11 @@ class EngineWorker:
         """
         best: Optional[StreamState] = None
         best_key = (True, 0.0)
-        active = sum(1 for stream in self._streams if stream.group is not None)
-        room = active < self.settings.max_active_groups
-        admit = active < self.backend.batch_size
+        active: Dict[str, int] = {key: 0 for key in self.models}
+        for stream in self._streams:
+            if stream.group is not None:
+                active[stream.model] += 1
+        room = sum(active.values()) < self.settings.max_active_groups
         for stream in self._streams:
             begins = (
                 stream.group is None
@@ -274,6 +309,8 @@ class EngineWorker:
             )
             if stream.group is None and not begins:
                 continue
+            # Each model batches its own groups.
+            admit = active[stream.model] < self.models[stream.model].batch_size
             key = (not (admit and begins), stream.deadline)
             if best is None or key < best_key:
                 best, best_key = stream, key
@@ -283,15 +320,18 @@ class EngineWorker:
         assert self._loaded is not None
         loaded = self._loaded
         try:
-            self.backend.load()
-            self.model_loaded = True
-            if self.settings.warm_up:
-                self.backend.warm_up()
+            for key, backend in self.models.items():
+                backend.load()
+                self._resident[key] = True
+                if self.settings.warm_up:
+                    backend.warm_up()
         except BaseException as err:  # pylint: disable=broad-except
+            self._close_models()
             loop.call_soon_threadsafe(loaded.set_exception, err)
             return
         with self._cond:
-            self._last_active = self.clock()  # idle counts from now, not from start
+            # Idle counts from now, not from start.
+            self._last_active = {key: self.clock() for key in self.models}
         loop.call_soon_threadsafe(loaded.set_result, None)
 
         try:
@@ -312,22 +352,30 @@ class EngineWorker:
                 abandoned = self._abandoned + list(self._streams)
                 self._abandoned = []
             self._close_groups(abandoned)
-            self.backend.close()
+            self._close_models()
+
+    def _close_models(self) -> None:
+        for key, backend in self.models.items():
+            self._resident[key] = False
+            try:
+                backend.close()
+            except Exception:  # pylint: disable=broad-except
+                _LOGGER.exception("Releasing %s failed", key)
 
     def _serve_once(self) -> bool:
         """Wait for something to do and do one piece of it; False to stop."""
-        unload = False
+        unload: Optional[str] = None
         text: Optional[str] = None
         with self._cond:
             while True:
                 stream = self._next_job_locked()
                 if stream is not None or self._stopping:
                     break
-                if self._background_due and self.model_loaded:
+                if self._background_due and any(self._resident.values()):
                     break
-                wait = self._idle_wait_locked()
-                if wait is not None and wait <= 0:
-                    unload = True
+                wait, idle = self._idle_wait_locked()
+                if idle is not None and wait is not None and wait <= 0:
+                    unload = idle
                     break
                 self._cond.wait(wait)
             if stream is None and self._stopping:
@@ -336,20 +384,20 @@ class EngineWorker:
                 text = stream.pending.popleft()
                 stream.in_flight = True
                 stream.ahead += 1
-            elif stream is None and not unload:
+            elif stream is None and unload is None:
                 self._background_due = False
             abandoned, self._abandoned = self._abandoned, []
         self._close_groups(abandoned)
-        if unload:
-            self._unload()
+        if unload is not None:
+            self._unload(unload)
         elif stream is None:
-            # Nothing to speak: the backend's deferred work, one step.
+            # Nothing to speak: the backends' deferred work, one step.
             if self._background_step():
                 with self._cond:
                     self._background_due = True
         else:
-            if text is not None and not self.model_loaded:
-                self._reload()
+            if text is not None and not self._resident[stream.model]:
+                self._reload(stream.model)
             self._step(stream, text)
         return True
 
@@ -366,48 +414,68 @@ class EngineWorker:
             except Exception:  # pylint: disable=broad-except
                 _LOGGER.exception("Closing a cancelled group failed")
 
-    def _idle_wait_locked(self) -> Optional[float]:
-        """Seconds until an idle unload is due; None when none is."""
+    def _idle_wait_locked(self) -> Tuple[Optional[float], Optional[str]]:
+        """Seconds until the next idle unload is due, and of which model (a
+        loaded one no open stream uses); (None, None) when none is."""
         idle_unload = self.settings.idle_unload
-        if idle_unload is None or not self.model_loaded or self._streams:
-            return None
-        return self._last_active + idle_unload - self.clock()
+        if idle_unload is None:
+            return None, None
+        busy = {stream.model for stream in self._streams}
+        due = [
+            (self._last_active[key] + idle_unload - self.clock(), key)
+            for key, resident in self._resident.items()
+            if resident and key not in busy
+        ]
+        if not due:
+            return None, None
+        wait, key = min(due)
+        return wait, key
 
-    def _unload(self) -> None:
+    def _unload(self, key: str) -> None:
         _LOGGER.info(
-            "Idle for %.0f s: unloading the model to free its memory",
+            "Idle for %.0f s: unloading %s to free its memory",
             self.settings.idle_unload,
+            self._name(key),
         )
-        self.model_loaded = False
+        self._resident[key] = False
         before = resident_bytes()
         try:
-            self.backend.close()
+            self.models[key].close()
         except Exception:  # pylint: disable=broad-except
-            _LOGGER.exception("Unloading the model failed")
+            _LOGGER.exception("Unloading %s failed", self._name(key))
         # The allocator keeps what the model freed unless told to give it back.
-        _LOGGER.info("Model unloaded: %s", give_back(before))
+        _LOGGER.info("Model unloaded (%s): %s", self._name(key), give_back(before))
 
-    def _reload(self) -> None:
-        """Load the model again for a request; a failure fails that group."""
-        _LOGGER.info("A request came after an idle unload: loading the model again")
+    def _reload(self, key: str) -> None:
+        """Load a model again for a request; a failure fails that group."""
+        name = self._name(key)
+        _LOGGER.info("A request came after an idle unload: loading %s again", name)
         started = self.clock()
         try:
-            self.backend.load()
+            self.models[key].load()
         except Exception:  # pylint: disable=broad-except
-            _LOGGER.exception("Loading the model again failed")
+            _LOGGER.exception("Loading %s again failed", name)
             return
-        self.model_loaded = True
+        self._resident[key] = True
         with self._cond:
-            self._last_active = self.clock()
-        _LOGGER.info("Model back in %.1f s", self.clock() - started)
+            self._last_active[key] = self.clock()
+        _LOGGER.info("%s back in %.1f s", name, self.clock() - started)
+
+    def _name(self, key: str) -> str:
+        return self.models[key].model_name or key
 
     def _background_step(self) -> bool:
-        """One piece of the backend's deferred work; True if there may be more."""
-        try:
-            return self.backend.background_work()
-        except Exception:  # pylint: disable=broad-except
-            _LOGGER.exception("Background work failed")
-            return False
+        """One piece of the loaded backends' deferred work; True if there may
+        be more."""
+        more = False
+        for key, backend in self.models.items():
+            if not self._resident[key]:
+                continue
+            try:
+                more = backend.background_work() or more
+            except Exception:  # pylint: disable=broad-except
+                _LOGGER.exception("Background work failed")
+        return more
 
     def _step(self, stream: StreamState, text: Optional[str]) -> None:
         """One piece of a stream's audio: begin the group `text`, or go on with
@@ -433,12 +501,12 @@ class EngineWorker:
         self._end_group(stream, error)
 
     def _begin(self, stream: StreamState, text: str) -> None:
-        if not self.model_loaded:
+        if not self._resident[stream.model]:
             raise EngineError("the model could not be loaded again; see the log")
         job = stream.job
         budget = Budget(should_stop=stream.cancel.is_set)
         stream.group = iter(
-            self.backend.speak(
+            self.models[stream.model].speak(
                 SpeechJob(text, job.voice, job.language, job.params, budget, job.whole)
             )
         )
@@ -462,8 +530,10 @@ class EngineWorker:
             self._put_audio(stream, Piece(audio=pause))
         if stream.group_pieces == 0:
             took = self.clock() - stream.group_started
-            last = self._first_piece_s
-            self._first_piece_s = took if last is None else 0.7 * last + 0.3 * took
+            last = self._first_piece_s.get(stream.model)
+            self._first_piece_s[stream.model] = (
+                took if last is None else 0.7 * last + 0.3 * took
+            )
         stream.group_pieces += 1
         self._put_audio(stream, self._level(stream, piece))
 
@@ -483,7 +553,7 @@ class EngineWorker:
         with self._cond:
             stream.in_flight = False
             stream.groups_done += 1
-            self._last_active = self.clock()
+            self._last_active[stream.model] = self.clock()
             if stream.cancelled:
                 return
             if error is not None:
@@ -504,7 +574,7 @@ class EngineWorker:
         target = self.settings.loudness
         if target is None or piece.audio.size == 0:
             return piece
-        voice = stream.job.voice
+        voice = (stream.model, stream.job.voice)
         if stream.loudness is None:
             stream.loudness = LoudnessNormalizer(
                 self.sample_rate, target, initial_gain_db=self._voice_gain.get(voice)

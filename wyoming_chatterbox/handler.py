@@ -389,7 +389,7 @@ class ChatterboxEventHandler(AsyncEventHandler):
     def _info(self) -> Info:
         engine = self._replies.engine
         streaming = self._replies.settings.streaming
-        return build_info(engine.voices(), streaming, engine.backend.model_name)
+        return build_info(engine.voices(), streaming, engine.model_name)
 
     async def _synthesize(self, synthesize: Synthesize) -> bool:
         if self._stream is not None:

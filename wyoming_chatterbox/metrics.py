@@ -222,23 +222,27 @@ class Metrics:
 
         self._info = Info(PREFIX, "Server version and model.", registry=self.registry)
         self._set_info()
+        # `model`: the key of the model that spoke (turbo, nano, multilingual;
+        # empty for a rejected request, which reached none).
         self._requests = Counter(
             f"{PREFIX}_requests",
-            "Synthesis requests by outcome (done, cancelled, failed, rejected) "
-            "and voice.",
-            ["outcome", "voice"],
+            "Synthesis requests by outcome (done, cancelled, failed, rejected), "
+            "voice and model.",
+            ["outcome", "voice", "model"],
             registry=self.registry,
         )
         self._first_audio = Histogram(
             f"{PREFIX}_first_audio_seconds",
-            "Time from a request to its first audio chunk.",
+            "Time from a request to its first audio chunk, by model.",
+            ["model"],
             buckets=FIRST_AUDIO_BUCKETS,
             registry=self.registry,
         )
         self._synthesis = Histogram(
             f"{PREFIX}_synthesis_seconds",
             "Time from a request to its last audio chunk, for replies spoken "
-            "to the end (outcome done).",
+            "to the end (outcome done), by model.",
+            ["model"],
             buckets=SYNTHESIS_BUCKETS,
             registry=self.registry,
         )
@@ -269,7 +273,8 @@ class Metrics:
         )
         self._model_loaded = Gauge(
             f"{PREFIX}_model_loaded",
-            "1 once the model is loaded and ready, else 0.",
+            "1 while the model is loaded and ready, else 0 (per model).",
+            ["model"],
             registry=self.registry,
         )
         self._refused = Counter(
@@ -328,8 +333,10 @@ class Metrics:
         chars: int,
         groups: int,
         voice: str,
+        model: str = "",
     ) -> None:
-        """Record one reply. Raises ValueError for an unknown outcome.
+        """Record one reply (spoken by `model`). Raises ValueError for an
+        unknown outcome.
 
         first_audio_s is None when no audio was sent; total_s counts only for
         outcome done, where it is the whole reply's synthesis time.
@@ -339,11 +346,13 @@ class Metrics:
         # Only a voice that was spoken (not a rejected request's, which may be
         # any string a client sent) becomes a label value of its own.
         label = self._voice_label(voice, may_add=outcome != "rejected")
-        self._requests.labels(outcome=outcome, voice=label).inc()
+        # Models are the server's few, never a client's string.
+        model = model if outcome != "rejected" else ""
+        self._requests.labels(outcome=outcome, voice=label, model=model).inc()
         if first_audio_s is not None:
-            self._first_audio.observe(max(0.0, first_audio_s))
+            self._first_audio.labels(model=model).observe(max(0.0, first_audio_s))
         if outcome == "done":
-            self._synthesis.observe(max(0.0, total_s))
+            self._synthesis.labels(model=model).observe(max(0.0, total_s))
         if outcome != "rejected":
             self._characters.inc(max(0, chars))
         self._audio.inc(max(0.0, audio_s))
@@ -356,8 +365,8 @@ class Metrics:
     def set_active_replies(self, n: int) -> None:
         self._active.set(n)
 
-    def set_model_loaded(self, loaded: bool) -> None:
-        self._model_loaded.set(1 if loaded else 0)
+    def set_model_loaded(self, loaded: bool, model: str = "") -> None:
+        self._model_loaded.labels(model=model).set(1 if loaded else 0)
 
     def connection_refused(self, reason: str) -> None:
         self._refused.labels(reason=reason).inc()

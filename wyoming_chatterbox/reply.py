@@ -55,14 +55,16 @@ class ReplyRecord:
     first_audio: Optional[float]  # seconds from request to first audio
     total: float
     audio: float  # seconds of audio sent
+    model: str = ""  # the key of the model that spoke it (rejected: none)
 
 
 def log_reply(record: ReplyRecord) -> None:
     """One line per reply, with what a user tuning the server wants to know."""
     _LOGGER.info(
-        "Reply %s: voice=%s language=%s chars=%s groups=%s first_audio=%s "
-        "total=%.2fs audio=%.2fs rtf=%s",
+        "Reply %s: model=%s voice=%s language=%s chars=%s groups=%s "
+        "first_audio=%s total=%.2fs audio=%.2fs rtf=%s",
         record.outcome,
+        record.model or "-",
         record.voice,
         record.language,
         record.chars,
@@ -95,21 +97,24 @@ class Replies:
         """
         name = voice or self.settings.default_voice
         try:
-            resolved = self.engine.backend.resolve_voice(name, language)
+            resolved = self.engine.resolve_voice(name, language)
         except UnknownVoice:
             # Counted, not logged as a reply: the caller logs the refusal.
             self._notify(ReplyRecord("rejected", name, "", 0, 0, None, 0.0, 0.0))
             raise
+        model = resolved.model  # the engine's models say which speaks the voice
         params = dataclasses.replace(
-            self.engine.backend.default_params,
+            self.engine.models.default_params(model),
             **{**self.settings.params, **resolved.params},  # type: ignore[arg-type]
         )
         stream = self.engine.open_stream(
-            resolved.name, params, resolved.language, whole=not live
+            resolved.name, params, resolved.language, whole=not live, model=model
         )
 
         def speculate() -> SynthesisStream:
-            return self.engine.open_stream(resolved.name, params, resolved.language)
+            return self.engine.open_stream(
+                resolved.name, params, resolved.language, model=model
+            )
 
         reply = Reply(
             self,
@@ -399,6 +404,7 @@ class Reply:
             first_audio=(self.first_audio - self.started if self.first_audio else None),
             total=time.monotonic() - self.started,
             audio=self.samples / self.sample_rate,
+            model=self.stream.model,
         )
         if not self._ended:
             self._ended = True

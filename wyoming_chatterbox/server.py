@@ -3,8 +3,8 @@
 Owns the listeners (tcp://, unix://, stdio://), acting on the admission policy
 (admission.py: caps, evictions), the start-up order (metrics port, model load,
 listen, zeroconf), shutdown on SIGTERM/SIGINT and the metrics wiring. It knows
-nothing of a reply's content (reply.py) or of the model (chatterbox/, made
-through chatterbox.make_backend).
+nothing of a reply's content (reply.py) or of the models (chatterbox/, made
+through chatterbox.make_backends).
 """
 
 import asyncio
@@ -15,7 +15,7 @@ import signal
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Awaitable, Callable, Optional, Set
+from typing import Awaitable, Callable, List, Mapping, Optional, Set, Union
 from urllib.parse import urlparse
 
 from wyoming.error import Error
@@ -176,15 +176,16 @@ async def _wait_for_stop_signal() -> None:
 
 
 async def run_server(
-    backend: SpeechBackend,
+    backend: Union[SpeechBackend, Mapping[str, SpeechBackend]],
     settings: Settings,
     on_ready: Optional[Callable[[], Awaitable[None]]] = None,
     stop_signal: Optional[Callable[[], Awaitable[None]]] = None,
     metrics: Optional[Metrics] = None,
     advertiser: Optional[ZeroconfAdvertiser] = None,
 ) -> None:
-    """Load the model, then serve until SIGTERM/SIGINT (or until `stop_signal`
-    returns). Raises ModelLoadError, MetricsServerError, EngineDied.
+    """Load the model (or the models, by key), then serve until SIGTERM/SIGINT
+    (or until `stop_signal` returns). Raises ModelLoadError,
+    MetricsServerError, EngineDied.
 
     A stop ends well: no new connections, replies in progress get
     `shutdown_grace` seconds to finish and are then cut short with an
@@ -212,7 +213,7 @@ async def run_server(
             metrics, replies, server, connections, admission
         )
         await engine.start()
-        voices = _check_default_voice(backend, settings.reply.default_voice)
+        voices = _check_default_voice(engine, settings.reply.default_voice)
 
         if server.uri.startswith("stdio://"):
             _LOGGER.info("Ready on %s with voices: %s", server.uri, ", ".join(voices))
@@ -269,11 +270,11 @@ async def _serve_metrics(
     return metrics_server
 
 
-def _check_default_voice(backend: SpeechBackend, default_voice: str) -> list:
+def _check_default_voice(engine: EngineWorker, default_voice: str) -> List[str]:
     """The voices' names; ModelLoadError if --voice names none of them."""
-    voices = [voice.name for voice in backend.voices()]
+    voices = [voice.name for voice in engine.voices()]
     try:
-        backend.resolve_voice(default_voice, None)
+        engine.resolve_voice(default_voice, None)
     except UnknownVoice as err:
         raise ModelLoadError(
             f"--voice {default_voice} is not a voice of this server; "
@@ -323,7 +324,7 @@ async def _withdraw(
 def _watch(metrics: Metrics, replies: Replies) -> None:
     """Feed the metrics: replies as they end, the rest read at scrape time."""
     engine = replies.engine
-    metrics.set_model_name(engine.backend.model_name)
+    metrics.set_model_name(engine.model_name)
 
     def on_reply(record: ReplyRecord) -> None:
         metrics.reply_finished(
@@ -334,21 +335,31 @@ def _watch(metrics: Metrics, replies: Replies) -> None:
             chars=record.chars,
             groups=record.groups,
             voice=record.voice,
+            model=record.model,
         )
 
     def on_scrape() -> None:
         metrics.set_queue_depth(engine.queue_depth())
-        metrics.set_model_loaded(engine.model_loaded)
+        for model, loaded in engine.loaded().items():
+            metrics.set_model_loaded(loaded, model)
         metrics.set_active_replies(replies.active())
 
     replies.observers.append(on_reply)
     metrics.add_scrape_hook(on_scrape)
-    gpu_memory = getattr(engine.backend, "gpu_memory", None)
-    if gpu_memory is not None:
-        metrics.set_gpu_memory_callback(gpu_memory)
-    fast_path = getattr(engine.backend, "fast_path", None)
-    if fast_path is not None:
-        metrics.set_fast_path_callback(fast_path)
+    # The models share one device: any of them reads its memory in use.
+    for backend in engine.models.values():
+        gpu_memory = getattr(backend, "gpu_memory", None)
+        if gpu_memory is not None:
+            metrics.set_gpu_memory_callback(gpu_memory)
+            break
+    # The fast path's state: the English model's (Turbo or Nano; Multilingual
+    # has none), while it is loaded.
+    backends = list(engine.models.values())
+    metrics.set_fast_path_callback(
+        lambda: next(
+            (s for s in (b.fast_path() for b in backends) if s is not None), None
+        )
+    )
 
 
 def _watch_connections(
@@ -378,16 +389,16 @@ def run(settings: Settings) -> int:
     """Serve with the settings until stopped; the process's exit code. Every
     failure a user can fix is one logged sentence and exit code 1."""
     # pylint: disable=import-outside-toplevel
-    from .chatterbox import make_backend
+    from .chatterbox import make_backends
 
     try:
         advertiser = make_advertiser(settings.server)  # fails at once, not later
-        backend = make_backend(settings.model)
+        backends = make_backends(settings.model)
     except ValueError as err:
         _LOGGER.error("%s", err)
         return 1
     try:
-        asyncio.run(run_server(backend, settings, advertiser=advertiser))
+        asyncio.run(run_server(backends, settings, advertiser=advertiser))
     except ModelLoadError as err:
         _LOGGER.error("%s", err)
         return 1

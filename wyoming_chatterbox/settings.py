@@ -10,8 +10,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, Mapping, Optional, Tuple
 
-MODELS = ("turbo", "multilingual")
+MODELS = ("turbo", "nano", "multilingual")
 DEFAULT_MODEL = "turbo"
+# The English models (one a server: they would list the same voices).
+ENGLISH_MODELS = ("turbo", "nano")
+MULTILINGUAL_VERSIONS = ("v2", "v3")
+# Upstream recommends v3 (June 2026): fewer hallucinations, closer voices.
+DEFAULT_MULTILINGUAL_VERSION = "v3"
 DEFAULT_URI = "tcp://0.0.0.0:10200"
 DEFAULT_DATA_DIR = Path.home() / ".cache" / "wyoming-chatterbox"
 DEFAULT_DEVICE = "auto"
@@ -49,7 +54,8 @@ LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 # how the later pieces grow: 25 tokens are one second of speech.
 DEFAULT_FIRST_PIECE_TOKENS = 20
 DEFAULT_MAX_PIECE_TOKENS = 160
-T3_DTYPES = ("auto", "float32", "bfloat16", "float16")
+T3_DTYPES = ("auto", "float32", "bfloat16", "float16", "int8")
+S3GEN_DTYPES = ("auto", "float32", "bfloat16")
 # Sentence groups T3 advances in one step; 16 is the most groups the engine
 # begins at once (docs/design.md says why batching pays).
 DEFAULT_T3_BATCH = 16
@@ -70,9 +76,19 @@ class FastPath:
     # Replay each decode step as one CUDA graph (CUDA only; needs static_cache).
     cuda_graphs: bool = True
     # T3's precision: auto is bfloat16 on a GPU that runs it fast, float16 on
-    # Volta and Turing, float32 on older GPUs and the CPU (resolved_dtype).
-    # S3Gen stays in float32.
+    # Volta and Turing, float32 on older GPUs (resolved_dtype); int8 on the CPU
+    # (int8 weights for the transformer's matrices, float32 activations: 1.7
+    # times the tokens a second of float32 on 2 cores, docs/benchmarks.md).
     t3_dtype: str = "auto"
+    # The precision of S3Gen's flow (its encoder and flow-matching decoder,
+    # most of its work): bfloat16 runs their matrix products in bfloat16
+    # (autocast: weights, norms and the vocoder stay float32). auto: bfloat16 on
+    # a CPU that computes in bfloat16 natively (Intel AMX or AVX512-BF16),
+    # float32 elsewhere (chatterbox decides: it needs torch to ask the CPU).
+    s3gen_dtype: str = "auto"
+    # Threads PyTorch uses for one operation on the CPU (torch.set_num_threads,
+    # process-wide); None: PyTorch's default, one per core.
+    cpu_threads: Optional[int] = None
     # Hand speech tokens to S3Gen in pieces within a sentence group, so the
     # first audio comes after `first_piece_tokens` tokens, not the whole group.
     # Each piece decodes the group's mel so far again: about 3 times S3Gen's
@@ -91,6 +107,10 @@ class FastPath:
     def __post_init__(self) -> None:
         if self.t3_dtype not in T3_DTYPES:
             raise ValueError(f"--t3-dtype must be one of {', '.join(T3_DTYPES)}")
+        if self.s3gen_dtype not in S3GEN_DTYPES:
+            raise ValueError(f"--s3gen-dtype must be one of {', '.join(S3GEN_DTYPES)}")
+        if self.cpu_threads is not None and not 1 <= self.cpu_threads <= 256:
+            raise ValueError("--cpu-threads must be 1 to 256")
         if not 4 <= self.first_piece_tokens <= 1000:
             raise ValueError("--first-piece-tokens must be 4 to 1000")
         if self.max_piece_tokens < self.first_piece_tokens:
@@ -104,11 +124,11 @@ class FastPath:
         """T3's precision on `device`, a GPU of compute `capability`: bfloat16
         from 8.0 (Ampere and later have bfloat16 tensor cores), float16 on
         7.x (Volta, Turing: tensor cores for float16 only), float32 below
-        (Pascal's float16 is slow) and on the CPU."""
+        (Pascal's float16 is slow); int8 weights on the CPU."""
         if self.t3_dtype != "auto":
             return self.t3_dtype
         if not device.startswith("cuda"):
-            return "float32"
+            return "int8"
         if capability is None or capability >= (8, 0):
             return "bfloat16"
         return "float16" if capability >= (7, 0) else "float32"
@@ -137,6 +157,12 @@ class FastPath:
             # The library's loop runs T3 as loaded: float32.
             f"T3 in {dtype if self.static_cache else 'float32'}",
         ]
+        if self.s3gen_dtype == "auto" and not device.startswith("cuda"):
+            parts.append("S3Gen's flow in bfloat16 if the CPU has it natively")
+        elif self.s3gen_dtype != "float32":
+            parts.append(f"S3Gen's flow in {self.s3gen_dtype}")
+        if self.cpu_threads is not None and not device.startswith("cuda"):
+            parts.append(f"{self.cpu_threads} CPU thread(s)")
         if self.uses_graphs(device):
             parts.append("CUDA graphs")
         if self.batch > 1:
@@ -157,14 +183,69 @@ class FastPath:
 
 @dataclass(frozen=True)
 class ModelSettings:
-    """Which model, from where, on which device."""
+    """Which models, from where, on which device.
 
-    model: str = DEFAULT_MODEL
+    A server runs one model or several (an English one and the multilingual
+    one); each backend gets `for_model(key)`, the settings of its model alone.
+    """
+
+    models: Tuple[str, ...] = (DEFAULT_MODEL,)
     model_dir: Optional[Path] = None  # None: download into data_dir
+    # Folders of several models by key (--model-dir KEY=DIR); model_dir is the
+    # folder of the only model.
+    model_dirs: Mapping[str, Path] = field(default_factory=dict)
     data_dir: Path = DEFAULT_DATA_DIR
     voices_dir: Optional[Path] = None
     device: str = DEFAULT_DEVICE
     fast: FastPath = field(default_factory=FastPath)
+    multilingual_version: str = DEFAULT_MULTILINGUAL_VERSION
+
+    def __post_init__(self) -> None:
+        if isinstance(self.models, str):  # Settings.of(models="turbo")
+            object.__setattr__(self, "models", (self.models,))
+        models = self.models
+        unknown = [m for m in models if m not in MODELS]
+        if not models or unknown:
+            raise ValueError(
+                f"--model must be one of {', '.join(MODELS)}, not "
+                f"{', '.join(unknown) or 'nothing'}"
+            )
+        if len(set(models)) < len(models):
+            raise ValueError("--model names each model once")
+        english = [m for m in models if m in ENGLISH_MODELS]
+        if len(english) > 1:
+            raise ValueError(
+                f"--model {' and '.join(english)}: both speak English with the same "
+                "voices; choose one (nano is smaller and faster, turbo sounds better)"
+            )
+        if self.model_dir is not None and len(models) > 1:
+            raise ValueError(
+                f"--model-dir {self.model_dir}: say which model's folder it is, "
+                f"e.g. --model-dir {models[0]}={self.model_dir}"
+            )
+        stray = [key for key in self.model_dirs if key not in models]
+        if stray:
+            raise ValueError(
+                f"--model-dir {stray[0]}=...: {stray[0]} is not one of the models "
+                f"served ({', '.join(models)})"
+            )
+        if self.multilingual_version not in MULTILINGUAL_VERSIONS:
+            raise ValueError(
+                "--multilingual-version must be one of "
+                + ", ".join(MULTILINGUAL_VERSIONS)
+            )
+
+    @property
+    def model(self) -> str:
+        """The first model (the only one, for a backend's own settings)."""
+        return self.models[0]
+
+    def for_model(self, key: str) -> "ModelSettings":
+        """The settings of one of the models alone."""
+        folder = self.model_dirs.get(key)
+        if folder is None and len(self.models) == 1:
+            folder = self.model_dir
+        return dataclasses.replace(self, models=(key,), model_dir=folder, model_dirs={})
 
 
 @dataclass(frozen=True)

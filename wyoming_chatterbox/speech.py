@@ -141,6 +141,7 @@ class ResolvedVoice:
     name: str  # the backend's own voice key
     language: str
     params: Mapping[str, float] = field(default_factory=dict)  # per-voice settings
+    model: str = ""  # the key of the model that speaks it (models.ModelSet)
 
 
 class EngineError(Exception):
@@ -178,18 +179,25 @@ class SpeechBackend(ABC):
     def voices(self) -> List[VoiceInfo]:
         """The voices this backend can speak with (available after load)."""
 
-    def resolve_voice(self, name: str, language: Optional[str]) -> ResolvedVoice:
-        """The voice a request names; raise UnknownVoice if there is none.
+    def resolve_voice(
+        self, name: str, language: Optional[str], strict: bool = False
+    ) -> ResolvedVoice:
+        """The voice a request names; raise UnknownVoice if there is none (and,
+        `strict`, if it does not speak `language`; else it speaks its own).
 
         This default accepts the names voices() lists, each speaking its first
         language.
         """
         voices = self.voices()
         for voice in voices:
-            if voice.name == name:
-                return ResolvedVoice(
-                    name, voice.languages[0] if voice.languages else ""
-                )
+            if voice.name != name:
+                continue
+            if language and strict:
+                wanted = language.replace("_", "-").split("-")[0].lower()
+                if wanted not in voice.languages:
+                    raise UnknownVoice(f"Voice {name} does not speak {language!r}")
+                return ResolvedVoice(name, wanted)
+            return ResolvedVoice(name, voice.languages[0] if voice.languages else "")
         raise UnknownVoice(
             f"Unknown voice {name!r}; available voices: "
             + ", ".join(voice.name for voice in voices)

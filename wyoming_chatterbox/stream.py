@@ -32,8 +32,10 @@ class StreamState:
         cancel: threading.Event,
         put: Callable[[object], None],
         now: float,
+        model: str = "",
     ) -> None:
         self.job = job  # the reply's voice, language, params; text set per group
+        self.model = model  # the key of the model that speaks it
         self.cancel = cancel
         self.put = put  # to the handle's queue, from either thread, in order
         # Guarded by the worker's lock:
@@ -85,8 +87,9 @@ class StreamState:
 class SynthesisStream:
     """The handle of one reply, used on the event loop: groups in, pieces out."""
 
-    def __init__(self, worker: "EngineWorker", job: SpeechJob) -> None:
+    def __init__(self, worker: "EngineWorker", job: SpeechJob, model: str = "") -> None:
         self._worker = worker
+        self.model = model  # the key of the model that speaks it
         self.voice = job.voice
         self.language = job.language
         self.params = job.params
@@ -98,7 +101,7 @@ class SynthesisStream:
         def put(item: object) -> None:
             loop.call_soon_threadsafe(self._queue.put_nowait, item)
 
-        self._state = StreamState(job, self._cancel, put, worker.clock())
+        self._state = StreamState(job, self._cancel, put, worker.clock(), model)
         self._state.loop = loop
 
     @property

@@ -7,7 +7,7 @@ list and resolves a request's voice name; `check_clip` refuses undecodable or
 silent audio. Computing a voice's conditionals is the backend's job, on the
 engine's worker thread; nothing here imports torch.
 
-Long (~490 lines): the folder and the catalogue change together.
+Long (~510 lines): the folder and the catalogue change together.
 """
 
 import json
@@ -341,11 +341,14 @@ class Languages:
     A model that speaks one language lists each voice by its name; one that
     speaks several lists each voice once per language, as VOICE@LANGUAGE
     (Home Assistant sends only a voice name, never the pipeline's language).
+    Languages another model of the server serves (`elsewhere`, e.g. English
+    beside Turbo) are left to that model.
     """
 
     def __init__(self, model_name: str, names: Mapping[str, str]) -> None:
         self.model_name = model_name
         self.names = dict(names)  # code -> name, in advertising order
+        self.elsewhere: Set[str] = set()  # codes another model serves
         self._warned: Set[str] = set()
 
     @property
@@ -358,14 +361,23 @@ class Languages:
         primary = re.split(r"[-_]", tag.strip(), maxsplit=1)[0].lower()
         return primary if primary in self.names else None
 
+    def served_elsewhere(self, tag: str) -> bool:
+        """Whether another model of the server serves this language tag."""
+        code = self.code(tag) or re.split(r"[-_]", tag.strip(), 1)[0].lower()
+        return code in self.elsewhere
+
     def for_voice(self, wanted: Optional[Sequence[str]]) -> List[str]:
         """The languages a voice is offered in: those of its settings that the
-        model speaks (each unknown one warned about once), else all."""
+        model speaks (each unknown one warned about once), else all; never
+        those another model serves (then possibly none)."""
+        own = [code for code in self.names if code not in self.elsewhere]
         if not wanted:
-            return list(self.names)
+            return own
         codes: List[str] = []
         for tag in wanted:
             code = self.code(tag)
+            if self.served_elsewhere(tag):
+                continue
             if code is None:
                 self.warn_once(
                     "%s does not speak %r; it speaks %s",
@@ -375,7 +387,9 @@ class Languages:
                 )
             elif code not in codes:
                 codes.append(code)
-        return codes or list(self.names)
+        if codes or any(self.served_elsewhere(tag) for tag in wanted):
+            return codes
+        return own
 
     def entry(self, voice: str, language: str) -> str:
         """The name a voice has in Info for one of its languages."""
@@ -453,10 +467,13 @@ class VoiceCatalogue:
         self._advertised = advertised
         return entries
 
-    def resolve(self, name: str, language: Optional[str]) -> ResolvedVoice:
+    def resolve(
+        self, name: str, language: Optional[str], strict: bool = False
+    ) -> ResolvedVoice:
         """The voice a request names (an Info entry, or a voice's plain name)
         in the language it asks for if the voice speaks it; UnknownVoice if
-        there is no such voice."""
+        there is no such voice (`strict`: also if it does not speak that
+        language)."""
         found = self._advertised.get(name)
         if found is None:
             self.voices()  # a clip added since the last Describe
@@ -477,6 +494,8 @@ class VoiceCatalogue:
             spoken = {lang for v, lang in self._advertised.values() if v == voice}
             if code in spoken:
                 voice_language = code
+            elif strict:
+                raise UnknownVoice(f"Voice {voice} does not speak {language!r}")
             else:
                 _LOGGER.debug(
                     "Voice %s does not speak %r; using %s",

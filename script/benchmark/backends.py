@@ -2,8 +2,8 @@
 times their calls, and the real server around them on a free port.
 
 The backends make speech as long as real speech of the text (TOKEN_RULE): the
-fake by the length of its audio, Turbo by forcing its generation lengths
-through the backend's `token_range` hook (random weights would stop after a
+fake by the length of its audio, Turbo and Nano by forcing their generation
+lengths through the backend's `token_range` hook (random weights would stop after a
 handful of tokens). The recorder wraps the backend's one hot method,
 `speak(job)`, with the clock the client reads too.
 """
@@ -88,18 +88,28 @@ class RealisticFakeBackend(SpeechBackend):
 def make_turbo_backend(
     model_dir: Path, data_dir: Path, device: str, fast: FastPath
 ) -> SpeechBackend:
-    """The real Turbo backend, each group as long as real speech of its text."""
-    from wyoming_chatterbox.chatterbox.turbo import TurboBackend
+    """The real Turbo or Nano backend (whichever T3 the folder holds), each group
+    as long as real speech of its text."""
+    from wyoming_chatterbox.chatterbox.turbo import NanoBackend, TurboBackend
+    from wyoming_chatterbox.chatterbox.turbo_load import NANO, variant_in
 
-    class BenchTurboBackend(TurboBackend):
-        """Turbo with realistic generation lengths for any checkpoint."""
+    base = NanoBackend if variant_in(model_dir) is NANO else TurboBackend
+
+    class BenchBackend(base):  # type: ignore[valid-type,misc]
+        """Realistic generation lengths for any checkpoint."""
 
         def token_range(self, text: str) -> Tuple[int, int]:
             n = realistic_tokens(text)
             return n, n
 
-    return BenchTurboBackend(
-        ModelSettings(model_dir=model_dir, data_dir=data_dir, device=device, fast=fast)
+    return BenchBackend(
+        ModelSettings(
+            models=(base.kind,),
+            model_dir=model_dir,
+            data_dir=data_dir,
+            device=device,
+            fast=fast,
+        )
     )
 
 

@@ -1,7 +1,9 @@
 """The command line of script/bench: flags, the run in the mode asked for, what
-it prints and writes. Modes: `--checkpoint DIR` (the real Turbo backend in this
-process), `--fake` (a stand-in backend whose audio is as long as real speech:
-the server's own overhead), `--uri tcp://HOST:PORT` (a server already running).
+it prints and writes. Modes: `--checkpoint DIR` (the real Turbo or Nano backend
+in this process; given several times, one run per checkpoint, one after the
+other, and their figures side by side), `--fake` (a stand-in backend whose
+audio is as long as real speech: the server's own overhead), `--uri
+tcp://HOST:PORT` (a server already running).
 """
 
 import argparse
@@ -33,7 +35,7 @@ from .backends import (
 )
 from .client import BenchError
 from .machine import git_commit, load_average, machine_info, machine_label
-from .report import header_lines, markdown_tables
+from .report import header_lines, markdown_tables, side_by_side
 from .stats import pooled_group_stats
 from .targets import evaluate_targets
 from .workloads import run_bench
@@ -65,7 +67,12 @@ def _loudness(text: str) -> Optional[float]:
 def _add_mode_arguments(parser: argparse.ArgumentParser) -> None:
     mode = parser.add_mutually_exclusive_group(required=True)
     mode.add_argument(
-        "--checkpoint", type=Path, metavar="DIR", help="the real Turbo backend"
+        "--checkpoint",
+        type=Path,
+        action="append",
+        metavar="DIR",
+        help="the real Turbo or Nano backend on this checkpoint; several: one "
+        "run each, in order, compared at the end",
     )
     mode.add_argument(
         "--fake", action="store_true", help="a fake backend: the server's overhead"
@@ -240,7 +247,11 @@ def _backend(args: argparse.Namespace, meta: Dict[str, Any]) -> SpeechBackend:
     torch.manual_seed(args.seed)
     data_dir = Path(tempfile.mkdtemp(prefix="bench-data-"))
     meta["lengths"] = f"forced by the backend's token_range hook: {TOKEN_RULE}"
-    return make_turbo_backend(args.checkpoint, data_dir, args.device, meta["fast"])
+    backend = make_turbo_backend(
+        Path(meta["checkpoint"]), data_dir, args.device, meta["fast"]
+    )
+    meta["model"] = getattr(backend, "kind", "")
+    return backend
 
 
 async def _run(args: argparse.Namespace, meta: Dict[str, Any]) -> Dict[str, Any]:
@@ -333,6 +344,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     once = setup_logging(args.verbose)
+    checkpoints: List[Optional[Path]] = list(args.checkpoint or [None])
+    runs_made = []
+    for checkpoint in checkpoints:
+        results = _one_run(args, argv, fast, checkpoint)
+        if results is None:
+            return 1
+        results["suppressed_log_repeats"] = {k: v for k, v in once.repeats.items() if v}
+        _print(results, args)
+        runs_made.append(results)
+    if len(runs_made) > 1:
+        print("\n".join(side_by_side(runs_made)))
+    return 0
+
+
+def _one_run(
+    args: argparse.Namespace,
+    argv: List[str],
+    fast: FastPath,
+    checkpoint: Optional[Path],
+) -> Optional[Dict[str, Any]]:
+    """One run (of one checkpoint, in checkpoint mode); None if it failed."""
     mode = "remote" if args.uri else "fake" if args.fake else "checkpoint"
     meta: Dict[str, Any] = {
         "date": datetime.datetime.now().strftime("%Y-%m-%d %H:%M"),
@@ -344,15 +376,18 @@ def main(argv: Optional[List[str]] = None) -> int:
         "notes": [],
         "token_rule": TOKEN_RULE,
     }
+    if checkpoint is not None:
+        meta["checkpoint"] = str(checkpoint)
     load_before = load_average()
     started = time.monotonic()
     try:
         results = asyncio.run(_run(args, meta))
     except (ModelLoadError, BenchError, OSError) as err:
         _LOGGER.error("%s: %s", type(err).__name__, err)
-        return 1
+        return None
     meta["bench_s"] = time.monotonic() - started
     # Other work on the machine skews every figure: say how busy it was.
+    meta["load_average"] = [load_before, load_average()]
     meta["notes"].append(
         f"load average (1 min) {load_before} at start, {load_average()} at end, "
         f"{os.cpu_count()} cores; the run took {meta['bench_s']:.0f} s"
@@ -365,6 +400,4 @@ def main(argv: Optional[List[str]] = None) -> int:
     meta["fast"] = dataclasses.asdict(fast)
     results["meta"] = meta
     results["targets"] = evaluate_targets(results, on_gpu=device.startswith("cuda"))
-    results["suppressed_log_repeats"] = {k: v for k, v in once.repeats.items() if v}
-    _print(results, args)
-    return 0
+    return results

@@ -204,3 +204,67 @@ def t3_lines(run: Dict[str, Any]) -> List[str]:
             f"| {row['tokens_per_s']:.1f} | {row['first_block_s_max']:.2f} s |"
         )
     return lines
+
+
+# The figures compared side by side: label, where, key, unit.
+_SIDE_BY_SIDE = (
+    ("T3 per token (p50)", "inside", "ms_per_token", "ms"),
+    ("T3 prefill (p50)", "inside", "prefill_s", "s"),
+    ("S3Gen per call (p50)", "inside", "s3gen_s", "s"),
+    ("watermark per call (p50)", "inside", "watermark_s", "s"),
+    ("(a) total (p50)", "a", "total_s", "s"),
+    ("(a) RTF, backend (p50)", "a", "rtf_backend", "x"),
+    ("(b) first audio (p50)", "b", "first_audio_s", "s"),
+    ("(b) RTF, backend (p50)", "b", "rtf_backend", "x"),
+    ("(c) first audio after the first sentence (p50)", "c",
+     "first_audio_after_first_sentence_s", "s"),
+    ("(c) RTF, wall (p50)", "c", "rtf_wall", "x"),
+)  # fmt: skip
+
+
+def side_by_side(runs: List[Dict[str, Any]]) -> List[str]:
+    """Several checkpoints' runs of one script/bench call in one table, with
+    each run's figure as a share of the first's."""
+    names = [
+        f"{run['meta'].get('model') or '?'} ({run['meta'].get('checkpoint')})"
+        for run in runs
+    ]
+    lines = [
+        "",
+        "## Side by side",
+        "",
+        "| figure | "
+        + " | ".join(names)
+        + " | "
+        + " | ".join(f"{name.split()[0]} / {names[0].split()[0]}" for name in names[1:])
+        + " |",
+        "|---" * (2 * len(runs)) + "|",
+    ]
+    for label, where, key, unit in _SIDE_BY_SIDE:
+        values = [_figure(run, where, key) for run in runs]
+        if all(value is None for value in values):
+            continue
+        ratios = [
+            f"{value / values[0]:.2f}" if value and values[0] else "n/a"
+            for value in values[1:]
+        ]
+        lines.append(
+            f"| {label} | "
+            + " | ".join(fmt(value, unit) for value in values)
+            + " | "
+            + " | ".join(ratios)
+            + " |"
+        )
+    loads = [
+        " to ".join(str(x) for x in run["meta"].get("load_average", [])) for run in runs
+    ]
+    lines.append("| load average (1 min), start to end | " + " | ".join(loads) + " |")
+    return lines
+
+
+def _figure(run: Dict[str, Any], where: str, key: str) -> Optional[float]:
+    if where == "inside":
+        summary = run.get("in_process", {}).get("group_stats", {}).get(key)
+    else:
+        summary = run["cases"].get(where, {}).get("summary", {}).get(key)
+    return quantile(summary) if summary and summary.get("n") else None

@@ -87,7 +87,9 @@ def setup_title(run: Dict[str, Any]) -> str:
         delay = float(given.get("--fake-delay") or 0)
         return f"Fake backend, {delay:g} s per group, {machine}"
     if meta["mode"] == "checkpoint":
-        return f"Checkpoint {given.get('--checkpoint')} on {meta['device']}, {machine}"
+        checkpoint = meta.get("checkpoint") or given.get("--checkpoint")
+        model = f" ({meta['model']})" if meta.get("model") else ""
+        return f"Checkpoint {checkpoint}{model} on {meta['device']}, {machine}"
     return f"Server at {given.get('--uri')}"
 
 
@@ -99,6 +101,8 @@ def run_name(run: Dict[str, Any]) -> str:
         words.append("t3-batching")
     else:
         words.append(meta["mode"])
+    if meta.get("model"):
+        words.append(str(meta["model"]))
     if meta.get("mode") != "fake":
         words.append(str(meta["device"]).replace(":", ""))
     given = dict(flags(meta["command"]))

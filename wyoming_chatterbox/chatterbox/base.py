@@ -8,9 +8,6 @@ which yields the audio and fills in the group's GroupStats. Subclasses also
 load their model (`_load_model`) and compute a clip's conditionals
 (`_compute_conditionals`). Worker thread only, but for `voices` and
 `resolve_voice` (the catalogue, on the event loop).
-
-Long (~540 lines): the one template every model backend shares, and the
-device checks every backend needs before it loads.
 """
 
 import contextlib
@@ -21,7 +18,6 @@ import logging
 import os
 import re
 import tempfile
-import threading
 import time
 from abc import abstractmethod
 from collections import deque
@@ -35,9 +31,11 @@ from typing import (
     List,
     Optional,
     Sequence,
+    Set,
     Tuple,
 )
 
+from ..memory import trim_heap
 from ..settings import BUILTIN_VOICE, ModelSettings
 from ..speech import (
     GroupStats,
@@ -50,6 +48,7 @@ from ..speech import (
 )
 from ..text import SYLLABIC_RE
 from ..voices import Languages, VoiceCatalogue, VoiceClip, VoiceError, check_clip
+from .loading import check_model_files, model_fingerprint, resolve_device
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -61,8 +60,6 @@ SPEECH_TOKENS_PER_SECOND = 25
 # S3Gen makes 960 samples (40 ms at 24 kHz) per speech token.
 SAMPLES_PER_TOKEN = 960
 _PARALINGUISTIC = re.compile(r"\[[a-z ]+\]")
-# from_local builds T3 from a shared config table; loads swap an entry in it.
-_CONFIG_LOCK = threading.Lock()
 
 
 def speech_token_budget(text: str) -> int:
@@ -80,135 +77,6 @@ def speech_token_budget(text: str) -> int:
     weight = len(plain) + 4 * dense
     budget = SPEECH_TOKENS_PER_SECOND * (1 + len(tags) * 2) + 4 * weight
     return min(MAX_SPEECH_TOKENS, budget)
-
-
-def resolve_device(requested: str) -> str:
-    """auto -> cuda if available, else cpu; check that a named device exists."""
-    import torch
-
-    if requested == "auto":
-        if not torch.cuda.is_available():
-            return "cpu"
-        requested = "cuda"
-    if requested == "cpu":
-        return "cpu"
-    if requested == "cuda" or requested.startswith("cuda:"):
-        if not torch.cuda.is_available():
-            raise ModelLoadError(
-                f"--device {requested} was asked for, but PyTorch sees no CUDA GPU "
-                "here; use --device cpu, or check the NVIDIA driver (and --gpus all "
-                "in Docker)."
-            )
-        if requested.startswith("cuda:"):
-            index_text = requested.split(":", 1)[1]
-            count = torch.cuda.device_count()
-            if not index_text.isdigit() or int(index_text) >= count:
-                raise ModelLoadError(
-                    f"--device {requested} does not exist: this machine has {count} "
-                    f"CUDA device(s), cuda:0 to cuda:{count - 1}."
-                )
-        check_gpu_kernels(requested)
-        return requested
-    raise ModelLoadError(
-        f"--device {requested} is not known; use auto, cpu, cuda or cuda:N."
-    )
-
-
-def gpu_has_kernels(arch_list: Sequence[str], capability: Tuple[int, int]) -> bool:
-    """A GPU runs code built for its own major version and an equal or lower
-    minor one (sm_XY), or PTX of an equal or lower capability (compute_XY),
-    which the driver compiles on the spot."""
-    major, minor = capability
-    for arch in arch_list:
-        kind, _, digits = arch.partition("_")
-        if not digits.isdigit() or len(digits) < 2:
-            continue  # e.g. sm_90a: code for that exact GPU only
-        built = (int(digits[:-1]), int(digits[-1]))
-        if kind == "sm" and built[0] == major and built[1] <= minor:
-            return True
-        if kind == "compute" and built <= capability:
-            return True
-    return False
-
-
-def check_gpu_kernels(device: str) -> None:
-    """Stop at start-up, saying what to do, where this PyTorch has no code for
-    the GPU (Blackwell on torch 2.6; Maxwell or Pascal on the CUDA 12.8
-    builds), rather than at the first request with "no kernel image is
-    available for execution on the device"."""
-    import torch
-
-    index = torch.device(device).index
-    index = torch.cuda.current_device() if index is None else index
-    capability = torch.cuda.get_device_capability(index)
-    arch_list = torch.cuda.get_arch_list()
-    if not arch_list or gpu_has_kernels(arch_list, capability):
-        return
-    raise ModelLoadError(
-        f"{torch.cuda.get_device_name(index)} (compute capability "
-        f"{capability[0]}.{capability[1]}) cannot run PyTorch {torch.__version__}, "
-        f"which has code for {' '.join(arch_list)} only. Run script/setup again (it "
-        "installs the PyTorch this GPU needs), or build the Docker image with "
-        "--build-arg TORCH_VERSION=2.8.0 (Blackwell) or 2.6.0 (Maxwell, Pascal); "
-        "--device cpu runs without the GPU."
-    )
-
-
-def check_model_files(ckpt_dir: Path, files: Sequence[str], model: str) -> None:
-    """ModelLoadError naming the files of `files` missing from the folder."""
-    missing = [name for name in files if not (ckpt_dir / name).is_file()]
-    if missing:
-        raise ModelLoadError(
-            f"The model folder {ckpt_dir} lacks {', '.join(missing)}; point "
-            f"--model-dir at a complete copy of {model}."
-        )
-
-
-def model_fingerprint(ckpt_dir: Path, files: Sequence[str]) -> str:
-    """A short identity of a model's files: names, sizes and their first and last
-    MiB (not the whole gigabytes, which would take seconds to hash)."""
-    digest = hashlib.sha256()
-    for name in files:
-        path = ckpt_dir / name
-        try:
-            size = path.stat().st_size
-            with open(path, "rb") as f:
-                head = f.read(1 << 20)
-                f.seek(max(0, size - (1 << 20)))
-                tail = f.read(1 << 20)
-        except OSError:
-            continue
-        digest.update(f"{name}\0{size}\0".encode())
-        digest.update(head)
-        digest.update(tail)
-    return digest.hexdigest()[:16]
-
-
-@contextlib.contextmanager
-def llama_config_as(name: str, size: Dict[str, Any], where: Path) -> Iterator[None]:
-    """While loading, make chatterbox's LLAMA_CONFIGS[name] the T3 size read
-    from the weights in `where` (from_local always builds the released size;
-    a random-weight test checkpoint holds a smaller T3). The shared table is
-    changed only for the load, under a lock."""
-    from chatterbox.models.t3.llama_configs import LLAMA_CONFIGS
-
-    with _CONFIG_LOCK:
-        released = LLAMA_CONFIGS[name]
-        if all(released.get(key) == value for key, value in size.items()):
-            yield
-            return
-        _LOGGER.warning(
-            "T3 in %s is not the released size (%s layers, width %s): "
-            "this is a test checkpoint and will not speak words",
-            where,
-            size.get("n_layer", size.get("num_hidden_layers")),
-            size.get("n_embd", size.get("hidden_size")),
-        )
-        LLAMA_CONFIGS[name] = dict(released, **size)
-        try:
-            yield
-        finally:
-            LLAMA_CONFIGS[name] = released
 
 
 @contextlib.contextmanager
@@ -255,6 +123,10 @@ class ChatterboxBackend(SpeechBackend):
     def _find_model(self) -> Path:
         """The model folder: the cached download (fetched if need be)."""
 
+    def _use_folder(self, ckpt_dir: Path) -> None:
+        """Choose among the files the model folder offers, before they are
+        checked and loaded (the multilingual model's older T3 version)."""
+
     @abstractmethod
     def _load_model(self, ckpt_dir: Path) -> Any:
         """Load the model, with its built-in voice in `model.conds`."""
@@ -292,7 +164,13 @@ class ChatterboxBackend(SpeechBackend):
     def load(self) -> None:
         started = time.monotonic()
         self.device = resolve_device(self.settings.device)
+        threads = self.settings.fast.cpu_threads
+        if threads is not None and self.device == "cpu":
+            import torch
+
+            torch.set_num_threads(threads)
         ckpt_dir = self.settings.model_dir or self._find_model()
+        self._use_folder(ckpt_dir)
         check_model_files(ckpt_dir, self.model_files, self.repo_id or self.model_name)
         self._set_backend_flags()  # before anything runs on the device
         try:
@@ -315,6 +193,9 @@ class ChatterboxBackend(SpeechBackend):
         self.model.conds = None
         self.conds[BUILTIN_VOICE] = (None, self._ready_conditionals(conds))
         self.model_id = f"{self.kind}-{model_fingerprint(ckpt_dir, self.model_files)}"
+        # Loading freed what it read (and, int8, T3's float32 matrices); the
+        # allocator keeps that unless told to give it back.
+        trim_heap()
         _LOGGER.info(
             "Loaded %s from %s on %s in %.1f s",
             self.model_name,
@@ -356,11 +237,17 @@ class ChatterboxBackend(SpeechBackend):
             time.monotonic() - started,
         )
 
+    def leave_languages(self, codes: Set[str]) -> None:
+        """Languages another model of the server serves: not offered here."""
+        self.catalogue.languages.elsewhere = set(codes)
+
     def voices(self) -> List[VoiceInfo]:
         return self.catalogue.voices()
 
-    def resolve_voice(self, name: str, language: Optional[str]) -> ResolvedVoice:
-        return self.catalogue.resolve(name, language)
+    def resolve_voice(
+        self, name: str, language: Optional[str], strict: bool = False
+    ) -> ResolvedVoice:
+        return self.catalogue.resolve(name, language, strict)
 
     def speak(self, job: SpeechJob) -> Iterator[Piece]:
         text = job.text.strip()

@@ -6,11 +6,33 @@ cached copy is used without any network access.
 
 import logging
 from pathlib import Path
-from typing import Sequence
+from typing import Optional, Sequence
 
 from ..speech import ModelLoadError
 
 _LOGGER = logging.getLogger(__name__)
+
+
+def cached_model(
+    data_dir: Path, repo_id: str, patterns: Sequence[str]
+) -> Optional[Path]:
+    """The folder of a complete cached download with these files, or None;
+    no network access."""
+    from huggingface_hub import snapshot_download
+
+    cache_dir = data_dir / "huggingface"
+    try:
+        return Path(
+            snapshot_download(
+                repo_id,
+                cache_dir=str(cache_dir),
+                allow_patterns=list(patterns),
+                local_files_only=True,
+            )
+        )
+    except Exception:  # pylint: disable=broad-except
+        _LOGGER.debug("No complete cached copy of %s in %s", repo_id, cache_dir)
+        return None
 
 
 def ensure_model(data_dir: Path, repo_id: str, patterns: Sequence[str]) -> Path:
@@ -21,26 +43,18 @@ def ensure_model(data_dir: Path, repo_id: str, patterns: Sequence[str]) -> Path:
     """
     from huggingface_hub import snapshot_download
 
+    cached = cached_model(data_dir, repo_id, patterns)
+    if cached is not None:
+        return cached
     cache_dir = data_dir / "huggingface"
-    allow = list(patterns)
-    try:
-        return Path(
-            snapshot_download(
-                repo_id,
-                cache_dir=str(cache_dir),
-                allow_patterns=allow,
-                local_files_only=True,
-            )
-        )
-    except Exception:  # pylint: disable=broad-except
-        _LOGGER.debug("No complete cached copy of %s in %s", repo_id, cache_dir)
-
     _LOGGER.info(
-        "Downloading %s (about 3 GB, once) into %s", repo_id, cache_dir.resolve()
+        "Downloading %s (a few GB, once) into %s", repo_id, cache_dir.resolve()
     )
     try:
         return Path(
-            snapshot_download(repo_id, cache_dir=str(cache_dir), allow_patterns=allow)
+            snapshot_download(
+                repo_id, cache_dir=str(cache_dir), allow_patterns=list(patterns)
+            )
         )
     except Exception as err:
         raise ModelLoadError(

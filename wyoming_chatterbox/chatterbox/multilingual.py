@@ -9,27 +9,49 @@ import logging
 import os
 import threading
 from pathlib import Path
-from typing import Any, Dict, Generator, Iterator, Optional
+from typing import Any, Dict, Generator, Iterator, Optional, Tuple
 
+from ..settings import ModelSettings
 from ..speech import GroupStats, ModelLoadError, Piece, SamplingParams, SpeechJob
 from ..voices import Languages
-from .base import ChatterboxBackend, llama_config_as, quiet
-from .download import ensure_model
+from .base import ChatterboxBackend, quiet
+from .download import cached_model, ensure_model
+from .loading import llama_config_as, load_weights, no_random_init
 from .multilingual_loop import LANGUAGES, generate, normalise_language
 
 _LOGGER = logging.getLogger(__name__)
 
 REPO_ID = "ResembleAI/chatterbox"
-T3_WEIGHTS = "t3_mtl23ls_v2.safetensors"
+# T3's weights by version: v3 (June 2026, same architecture) has fewer
+# hallucinations and closer voices than v2, upstream says.
+T3_BY_VERSION = {
+    "v2": "t3_mtl23ls_v2.safetensors",
+    "v3": "t3_mtl23ls_v3.safetensors",
+}
+VOICE_ENCODER_FILE = "ve.pt"
+S3GEN_FILE = "s3gen.pt"
 TOKENIZER_FILE = "grapheme_mtl_merged_expanded_v1.json"
 # Character -> Cangjie code table that the tokenizer uses to spell Chinese text.
 CANGJIE_FILE = "Cangjie5_TC.json"
 BUILTIN_VOICE_FILE = "conds.pt"
-# What from_local must find (the tokenizer reads the Cangjie table for Chinese);
-# the built-in voice, conds.pt, is checked on its own.
-REQUIRED_FILES = ("ve.pt", T3_WEIGHTS, "s3gen.pt", TOKENIZER_FILE, CANGJIE_FILE)
-# What ChatterboxMultilingualTTS.from_pretrained fetches.
-MODEL_FILES = (*REQUIRED_FILES, BUILTIN_VOICE_FILE)
+
+
+def required_files(version: str) -> Tuple[str, ...]:
+    """What the loader must find (the tokenizer reads the Cangjie table for
+    Chinese); the built-in voice, conds.pt, is checked on its own."""
+    return (
+        VOICE_ENCODER_FILE,
+        T3_BY_VERSION[version],
+        S3GEN_FILE,
+        TOKENIZER_FILE,
+        CANGJIE_FILE,
+    )
+
+
+def allow_patterns(version: str) -> Tuple[str, ...]:
+    """What to download: exactly what load_multilingual_model opens (one T3
+    version, not the repository's others nor its Turbo-era files)."""
+    return (*required_files(version), BUILTIN_VOICE_FILE)
 
 
 # ChatterboxMultilingualTTS.generate's defaults; top_k is not used upstream (0: off).
@@ -51,14 +73,13 @@ _LOAD_LOCK = threading.Lock()
 # --- Loading ---------------------------------------------------------------------
 
 
-def _t3_size(ckpt_dir: Path) -> Dict[str, Any]:
+def _t3_size(path: Path) -> Dict[str, Any]:
     """T3's Llama size from its weights: layers from the key names, widths from
     the shapes. The head width is not in the shapes: it is 64 unless the
     file's metadata says otherwise ("head_dim")."""
     from chatterbox.models.t3.llama_configs import LLAMA_CONFIGS
     from safetensors import safe_open
 
-    path = ckpt_dir / T3_WEIGHTS
     released = LLAMA_CONFIGS[_LLAMA_CONFIG_NAME]
     try:
         with safe_open(str(path), framework="pt") as f:
@@ -157,23 +178,70 @@ def _tokenizer_offline(pkuseg_home: Optional[Path]) -> Iterator[None]:
         mtl_tokenizer.hf_hub_download, converter._init_segmenter = saved
 
 
+def version_in(ckpt_dir: Path) -> str:
+    """The newest T3 version the folder holds (v3 if none)."""
+    for version in sorted(T3_BY_VERSION, reverse=True):
+        if (ckpt_dir / T3_BY_VERSION[version]).is_file():
+            return version
+    return "v3"
+
+
 def load_multilingual_model(
-    ckpt_dir: Path, device: str, pkuseg_home: Optional[Path] = None
+    ckpt_dir: Path,
+    device: str,
+    pkuseg_home: Optional[Path] = None,
+    version: Optional[str] = None,
 ) -> Any:
-    """ChatterboxMultilingualTTS.from_local, at the T3 size the weights have.
+    """ChatterboxMultilingualTTS from a folder, with T3 `version` (default:
+    the newest the folder holds), at the T3 size the weights have.
 
-    No network access: the Cangjie table comes from `ckpt_dir`. `pkuseg_home` is
-    where the Chinese word segmenter's model is kept (default ~/.pkuseg, or
-    $PKUSEG_HOME); without it, Chinese is spoken without word segmentation.
-    The built-in voice (conds.pt) is left in `model.conds`, None when the folder
-    has no conds.pt.
+    The steps of upstream's from_local (chatterbox 0.1.7), which knows only
+    v2's file. No network access: the Cangjie table comes from `ckpt_dir`.
+    `pkuseg_home` is where the Chinese word segmenter's model is kept
+    (default ~/.pkuseg, or $PKUSEG_HOME); without it, Chinese is spoken
+    without word segmentation. The built-in voice (conds.pt) is left in
+    `model.conds`, None when the folder has no conds.pt.
     """
-    from chatterbox.mtl_tts import ChatterboxMultilingualTTS
-
-    size = _t3_size(ckpt_dir)
+    t3_path = ckpt_dir / T3_BY_VERSION[version or version_in(ckpt_dir)]
+    size = _t3_size(t3_path)
     with _LOAD_LOCK, _tokenizer_offline(pkuseg_home):
         with llama_config_as(_LLAMA_CONFIG_NAME, size, ckpt_dir), quiet():
-            return ChatterboxMultilingualTTS.from_local(ckpt_dir, device)
+            return _from_local(ckpt_dir, device, t3_path)
+
+
+def _from_local(ckpt_dir: Path, device: str, t3_path: Path) -> Any:
+    import torch
+    from chatterbox.models.s3gen import S3Gen
+    from chatterbox.models.t3 import T3
+    from chatterbox.models.t3.modules.t3_config import T3Config
+    from chatterbox.models.tokenizers import MTLTokenizer
+    from chatterbox.models.voice_encoder import VoiceEncoder
+    from chatterbox.mtl_tts import ChatterboxMultilingualTTS, Conditionals
+    from safetensors.torch import load_file
+
+    map_location = torch.device("cpu") if device == "cpu" else None
+
+    def weights(name: str) -> Any:
+        return torch.load(ckpt_dir / name, map_location=map_location, weights_only=True)
+
+    with no_random_init():
+        ve, t3, s3gen = VoiceEncoder(), T3(T3Config.multilingual()), S3Gen()
+    load_weights(ve, weights(VOICE_ENCODER_FILE))
+    ve.to(device).eval()
+    t3_state: Any = load_file(t3_path)
+    if "model" in t3_state:
+        t3_state = t3_state["model"][0]
+    load_weights(t3, t3_state)
+    t3.to(device).eval()
+    load_weights(s3gen, weights(S3GEN_FILE))
+    s3gen.to(device).eval()
+    tokenizer = MTLTokenizer(str(ckpt_dir / TOKENIZER_FILE))
+    conds = None
+    builtin_voice = ckpt_dir / BUILTIN_VOICE_FILE
+    if builtin_voice.exists():
+        conds = Conditionals.load(builtin_voice, map_location=map_location)
+        conds = conds.to(device)
+    return ChatterboxMultilingualTTS(t3, s3gen, ve, tokenizer, device, conds=conds)
 
 
 # --- Voices ----------------------------------------------------------------------
@@ -246,15 +314,47 @@ class MultilingualBackend(ChatterboxBackend):
     kind = "multilingual"
     model_name = "Chatterbox Multilingual"
     repo_id = f"{REPO_ID} (multilingual files)"
-    model_files = REQUIRED_FILES
     languages = LANGUAGES
     default_params = DEFAULT_PARAMS
+
+    def __init__(self, settings: ModelSettings) -> None:
+        super().__init__(settings)
+        self.version = settings.multilingual_version
+        self.model_files = required_files(self.version)
 
     def _make_languages(self) -> Languages:
         return MultilingualLanguages(self.model_name, self.languages)
 
     def _find_model(self) -> Path:
-        return ensure_model(self.settings.data_dir, REPO_ID, MODEL_FILES)
+        data_dir = self.settings.data_dir
+        try:
+            return ensure_model(data_dir, REPO_ID, allow_patterns(self.version))
+        except ModelLoadError:
+            # No network for v3, but v2 from before: better than nothing
+            # (_use_folder says so).
+            older = cached_model(data_dir, REPO_ID, allow_patterns("v2"))
+            if self.version != "v3" or older is None:
+                raise
+            return older
+
+    def _use_folder(self, ckpt_dir: Path) -> None:
+        """A folder with v2's T3 but not v3's (an older download or copy)
+        still loads, with v2."""
+        wanted = T3_BY_VERSION[self.version]
+        older = T3_BY_VERSION["v2"]
+        if (
+            self.version == "v3"
+            and not (ckpt_dir / wanted).is_file()
+            and (ckpt_dir / older).is_file()
+        ):
+            _LOGGER.info(
+                "%s holds Chatterbox Multilingual v2 only (no %s): speaking with "
+                "v2; upstream recommends v3 (fewer hallucinations, closer voices)",
+                ckpt_dir,
+                wanted,
+            )
+            self.version = "v2"
+            self.model_files = required_files("v2")
 
     def _load_model(self, ckpt_dir: Path) -> Any:
         # Upstream's alignment guard warns on every repeated token it sees.
@@ -263,7 +363,10 @@ class MultilingualBackend(ChatterboxBackend):
                 "chatterbox.models.t3.inference.alignment_stream_analyzer"
             ).setLevel(logging.ERROR)
         return load_multilingual_model(
-            ckpt_dir, self.device, pkuseg_home=self.settings.data_dir / "pkuseg"
+            ckpt_dir,
+            self.device,
+            pkuseg_home=self.settings.data_dir / "pkuseg",
+            version=self.version,
         )
 
     def _compute_conditionals(self, clip: Path) -> Any:

@@ -41,6 +41,35 @@ def _cast_ref(ref_dict: Dict[str, Any], device: Any, dtype: Any) -> Dict[str, An
     return ref
 
 
+def flow_in_bfloat16(s3gen: Any) -> None:
+    """Run S3Gen's flow encoder and its flow-matching estimator (most of
+    S3Gen's work) under bfloat16 autocast: their matrix products in bfloat16,
+    their weights, norms and softmax in float32, and their outputs returned as
+    float32, so everything around them (the Euler steps, HiFT, the stream's
+    joins) is as before. Replaces the two modules' forward on this instance."""
+    for module in (s3gen.flow.encoder, s3gen.flow.decoder.estimator):
+        module.forward = _in_bfloat16(module.forward, next(module.parameters()))
+
+
+def _in_bfloat16(forward: Any, weight: torch.Tensor) -> Any:
+    device_type = weight.device.type
+
+    def run(*args: Any, **kwargs: Any) -> Any:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            out = forward(*args, **kwargs)
+        if isinstance(out, tuple):
+            return tuple(_float(item) for item in out)
+        return _float(out)
+
+    return run
+
+
+def _float(value: Any) -> Any:
+    if torch.is_tensor(value) and value.dtype == torch.bfloat16:
+        return value.float()
+    return value
+
+
 # Long: upstream's CausalMaskedDiffWithXvec.inference, line for line.
 def flow_mel(
     s3gen: Any,

@@ -88,11 +88,14 @@ def prepare_fast_path(model: Any, fast: FastPath, device: str) -> Setup:
     dev = torch.device(device)
     checks = cuda_graphs.CUDA.is_gpu(dev)
     capability = torch.cuda.get_device_capability(dev) if dev.type == "cuda" else None
-    dtype = getattr(torch, fast.resolved_dtype(device, capability))
+    resolved = fast.resolved_dtype(device, capability)
+    # int8 (CPU): int8 matrices, float32 activations (t3_step).
+    int8 = resolved == "int8"
+    dtype = torch.float32 if int8 else getattr(torch, resolved)
     outcome = _Outcome(ran=checks)
     decoder = None
     if fast.static_cache:
-        decoder = _checked_decoder(model, fast, device, dtype, outcome)
+        decoder = _checked_decoder(model, fast, device, dtype, outcome, int8)
     pieces = fast.streams_in_group(device)
     if pieces and checks:
         pieces = _checked_pieces(model, fast, outcome)
@@ -102,7 +105,7 @@ def prepare_fast_path(model: Any, fast: FastPath, device: str) -> Setup:
             "cuda_graphs": decoder is not None and decoder.cuda_graphs,
             "stream_in_group": pieces,
         },
-        t3_dtype=str(decoder.dtype).replace("torch.", "") if decoder else "float32",
+        t3_dtype=_precision(decoder),
         self_check=(
             "not run" if not checks else "failed" if outcome.turned_off else "passed"
         ),
@@ -113,8 +116,21 @@ def prepare_fast_path(model: Any, fast: FastPath, device: str) -> Setup:
     return Setup(decoder, pieces, state, _line(fast, state, capability, outcome))
 
 
+def _precision(decoder: Optional[T3Decoder]) -> str:
+    if decoder is None:
+        return "float32"  # the library's loop runs T3 as loaded
+    if decoder.step.int8:
+        return "int8"
+    return str(decoder.dtype).replace("torch.", "")
+
+
 def _checked_decoder(
-    model: Any, fast: FastPath, device: str, dtype: torch.dtype, outcome: _Outcome
+    model: Any,
+    fast: FastPath,
+    device: str,
+    dtype: torch.dtype,
+    outcome: _Outcome,
+    int8: bool = False,
 ) -> Optional[T3Decoder]:
     """Our decoder, checked against the library's transformer (in float32
     if its precision fails, or None: the library's loop), with its graphs
@@ -128,6 +144,7 @@ def _checked_decoder(
             dtype,
             max_batch=fast.batch,
             lead_tokens=fast.max_piece_tokens,
+            int8=int8 and dtype == torch.float32,
         )
 
     decoder = build(dtype)
@@ -168,7 +185,7 @@ def _checked_decoder(
             outcome.figures.append(
                 f"graphs = eager over {CHECK_STEPS} steps, fresh draws"
             )
-    if decoder.dtype != torch.float32:
+    if decoder.dtype != torch.float32 or decoder.step.int8:
         # The decoder holds T3's transformer in its own precision; the float32
         # copy would only take memory.
         decoder.release_reference_weights()

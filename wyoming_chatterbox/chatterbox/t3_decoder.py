@@ -93,12 +93,13 @@ class T3Decoder:
         sync_every: int = 8,
         max_batch: int = 1,
         lead_tokens: int = 160,
+        int8: bool = False,
     ) -> None:
         if sync_every < 1:
             raise ValueError("sync_every must be at least 1")
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
-        self.step = T3Step(t3, device, dtype, max_positions)
+        self.step = T3Step(t3, device, dtype, max_positions, int8)
         self.device = self.step.device
         self.dtype = dtype
         self.max_positions = self.step.max_positions

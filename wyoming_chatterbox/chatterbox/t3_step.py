@@ -8,7 +8,10 @@ is t3_decoder's job.
 
 Precision: matrix products, the KV cache and attention (SDPA) run in the
 decoder's dtype; the residual stream, the layer norms and the logits stay in
-float32, so bfloat16 loses little more than its matmul rounding.
+float32, so bfloat16 loses little more than its matmul rounding. `int8` (CPU):
+the transformer's four matrices per layer are int8, one scale per output
+channel, and their products are PyTorch's dynamic quantized linear (the
+activations quantized per call); everything else is float32.
 """
 
 import dataclasses
@@ -42,15 +45,35 @@ _ACTIVATIONS: Dict[str, Callable[[torch.Tensor], torch.Tensor]] = {
 class _Layer:
     ln_1: torch.Tensor  # (2, width) weight, bias; float32
     ln_2: torch.Tensor
-    attn_w: torch.Tensor  # Conv1D layout (in, out): y = x @ W + b
-    attn_b: torch.Tensor
-    proj_w: torch.Tensor
-    proj_b: torch.Tensor
-    fc_w: torch.Tensor
-    fc_b: torch.Tensor
-    mlp_w: torch.Tensor
-    mlp_b: torch.Tensor
+    # Each matrix: a tensor in Conv1D layout (in, out), y = x @ W + b; or, int8,
+    # a dynamic quantized Linear holding its bias (then the bias here is None).
+    attn_w: Any
+    attn_b: Optional[torch.Tensor]
+    proj_w: Any
+    proj_b: Optional[torch.Tensor]
+    fc_w: Any
+    fc_b: Optional[torch.Tensor]
+    mlp_w: Any
+    mlp_b: Optional[torch.Tensor]
     scale: float
+
+
+def _int8_linear(weight: torch.Tensor, bias: torch.Tensor) -> Any:
+    """Conv1D weights (in, out) as a dynamic quantized Linear: int8 with one
+    symmetric scale per output channel, float32 bias."""
+    w = weight.detach().float().t().contiguous().cpu()  # (out, in)
+    scales = (w.abs().amax(dim=1) / 127.0).clamp(min=1e-12).double()
+    zeros = torch.zeros(w.size(0), dtype=torch.long)
+    qweight = torch.quantize_per_channel(w, scales, zeros, 0, torch.qint8)
+    linear = torch.ao.nn.quantized.dynamic.Linear(w.size(1), w.size(0))
+    linear.set_weight_bias(qweight, bias.detach().float().cpu())
+    return linear
+
+
+def _linear(x: torch.Tensor, weight: Any, bias: Optional[torch.Tensor]) -> torch.Tensor:
+    if bias is None:
+        return weight(x)  # int8: the quantized Linear holds its bias
+    return torch.addmm(bias, x, weight)
 
 
 class T3Step:
@@ -62,6 +85,7 @@ class T3Step:
         device: str,
         dtype: torch.dtype,
         max_positions: Optional[int] = None,
+        int8: bool = False,
     ) -> None:
         tfmr = t3.tfmr
         cfg = tfmr.config
@@ -75,6 +99,9 @@ class T3Step:
             raise ValueError(f"unsupported activation {cfg.activation_function}")
         self.t3 = t3
         self.device = torch.device(device)
+        if int8 and (self.device.type != "cpu" or dtype != torch.float32):
+            raise ValueError("int8 T3 runs on the CPU, with float32 activations")
+        self.int8 = int8
         self.dtype = dtype
         self.n_layer = cfg.n_layer
         self.width = cfg.n_embd
@@ -121,6 +148,11 @@ class T3Step:
         def low(p: torch.Tensor) -> torch.Tensor:
             return p.detach().to(device=dev, dtype=dt).contiguous()
 
+        def matrix(conv1d: Any) -> Tuple[Any, Optional[torch.Tensor]]:
+            if self.int8:
+                return _int8_linear(conv1d.weight, conv1d.bias), None
+            return low(conv1d.weight), low(conv1d.bias)
+
         scale = 1.0
         if cfg.scale_attn_weights:
             scale /= math.sqrt(self.head_dim)
@@ -129,18 +161,22 @@ class T3Step:
             layer_scale = scale
             if cfg.scale_attn_by_inverse_layer_idx:
                 layer_scale /= float(i + 1)
+            attn_w, attn_b = matrix(block.attn.c_attn)
+            proj_w, proj_b = matrix(block.attn.c_proj)
+            fc_w, fc_b = matrix(block.mlp.c_fc)
+            mlp_w, mlp_b = matrix(block.mlp.c_proj)
             self.layers.append(
                 _Layer(
                     ln_1=torch.stack([f32(block.ln_1.weight), f32(block.ln_1.bias)]),
                     ln_2=torch.stack([f32(block.ln_2.weight), f32(block.ln_2.bias)]),
-                    attn_w=low(block.attn.c_attn.weight),
-                    attn_b=low(block.attn.c_attn.bias),
-                    proj_w=low(block.attn.c_proj.weight),
-                    proj_b=low(block.attn.c_proj.bias),
-                    fc_w=low(block.mlp.c_fc.weight),
-                    fc_b=low(block.mlp.c_fc.bias),
-                    mlp_w=low(block.mlp.c_proj.weight),
-                    mlp_b=low(block.mlp.c_proj.bias),
+                    attn_w=attn_w,
+                    attn_b=attn_b,
+                    proj_w=proj_w,
+                    proj_b=proj_b,
+                    fc_w=fc_w,
+                    fc_b=fc_b,
+                    mlp_w=mlp_w,
+                    mlp_b=mlp_b,
                     scale=layer_scale,
                 )
             )
@@ -187,7 +223,7 @@ class T3Step:
         where = positions.view(batch, 1, n, 1).expand(batch, heads, n, hd)
         for i, layer in enumerate(self.layers):
             h = F.layer_norm(x, (width,), layer.ln_1[0], layer.ln_1[1], self.eps)
-            qkv = torch.addmm(layer.attn_b, h.view(-1, width).to(dt), layer.attn_w)
+            qkv = _linear(h.view(-1, width).to(dt), layer.attn_w, layer.attn_b)
             # Each (B, heads, n, head_dim).
             q, k, v = qkv.view(batch, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
             cache_k, cache_v = cache[i, 0, rows], cache[i, 1, rows]
@@ -201,10 +237,10 @@ class T3Step:
                 scale=layer.scale,
             )
             a = a.transpose(1, 2).reshape(batch * n, width)
-            x = x + torch.addmm(layer.proj_b, a, layer.proj_w).float().view_as(x)
+            x = x + _linear(a, layer.proj_w, layer.proj_b).float().view_as(x)
             h = F.layer_norm(x, (width,), layer.ln_2[0], layer.ln_2[1], self.eps)
-            m = self._act(torch.addmm(layer.fc_b, h.view(-1, width).to(dt), layer.fc_w))
-            x = x + torch.addmm(layer.mlp_b, m, layer.mlp_w).float().view_as(x)
+            m = self._act(_linear(h.view(-1, width).to(dt), layer.fc_w, layer.fc_b))
+            x = x + _linear(m, layer.mlp_w, layer.mlp_b).float().view_as(x)
         return F.layer_norm(x[:, -1], (width,), self.ln_f[0], self.ln_f[1], self.eps)
 
     def _logits(self, hidden: torch.Tensor) -> torch.Tensor:

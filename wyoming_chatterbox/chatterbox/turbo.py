@@ -1,4 +1,4 @@
-"""Chatterbox Turbo as a SpeechBackend: load the model, speak a sentence group.
+"""Chatterbox Turbo and Nano as SpeechBackends: speak a sentence group.
 
 Instead of `ChatterboxTurboTTS.generate` it runs the same steps itself
 (punc_norm -> tokenizer -> T3 -> S3Gen -> watermark) so that each call takes its
@@ -7,7 +7,8 @@ checks the stop flag before every speech token and can hand tokens to S3Gen in
 pieces. The fast path (settings.FastPath) picks the parts: our static-cache T3
 decoder (t3_decoder) or the library's loop (library_loop), S3Gen in pieces
 (s3stream), the watermark on its own thread (watermark); self_check builds
-them for the device and checks them there. Worker thread only.
+them for the device and checks them there. Loading is in turbo_load. Worker
+thread only.
 """
 
 import collections
@@ -16,84 +17,48 @@ import dataclasses
 import logging
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, Generator, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Generator, List, Optional, Sequence, Tuple
 
 import numpy as np
 
 from ..settings import BUILTIN_VOICE, ModelSettings
 from ..speech import NOTHING_YET, FastPathState, GroupStats, Piece, SpeechJob
 from ..voices import Languages
-from .base import (
-    MAX_SPEECH_TOKENS,
-    SPEECH_VOCAB_REAL,
-    ChatterboxBackend,
-    llama_config_as,
-    quiet,
-)
+from .base import MAX_SPEECH_TOKENS, SPEECH_VOCAB_REAL, ChatterboxBackend, quiet
 from .download import ensure_model
+from .loading import resolved_fast_path
+from .turbo_load import NANO, TURBO, load_turbo_model
 
 _LOGGER = logging.getLogger(__name__)
 
-REPO_ID = "ResembleAI/chatterbox-turbo"
-T3_WEIGHTS = "t3_turbo_v1.safetensors"
-# Weights ChatterboxTurboTTS.from_local must find.
-MODEL_FILES = ("ve.safetensors", T3_WEIGHTS, "s3gen_meanflow.safetensors")
-BUILTIN_VOICE_FILE = "conds.pt"
-# What to download: those, the built-in voice and the GPT-2 tokenizer files
-# (vocab.json, merges.txt, *_config.json ...); not the repository's 1 GB
-# s3gen.safetensors, which Turbo never opens.
-ALLOW_PATTERNS = (*MODEL_FILES, BUILTIN_VOICE_FILE, "*.json", "*.txt", "*.model")
-_GPT2_CONFIG = "GPT2_medium"
-
-
-def _t3_size(ckpt_dir: Path) -> Dict[str, Any]:
-    """T3's GPT-2 size from its weights: layers from the key names, width and
-    positions from the position embedding; heads are 64 wide, as in GPT-2."""
-    from safetensors import safe_open
-
-    with safe_open(str(ckpt_dir / T3_WEIGHTS), framework="pt") as f:
-        keys = list(f.keys())
-        n_positions, n_embd = f.get_slice("tfmr.wpe.weight").get_shape()
-    n_layer = 1 + max(int(k.split(".")[2]) for k in keys if k.startswith("tfmr.h."))
-    return {
-        "n_layer": n_layer,
-        "n_embd": n_embd,
-        "hidden_size": n_embd,
-        "n_head": max(1, n_embd // 64),
-        "n_positions": n_positions,
-        "n_ctx": n_positions,
-    }
-
-
-def load_turbo_model(ckpt_dir: Path, device: str) -> Any:
-    """ChatterboxTurboTTS.from_local, at the T3 size the weights have."""
-    from chatterbox.tts_turbo import ChatterboxTurboTTS
-
-    with llama_config_as(_GPT2_CONFIG, _t3_size(ckpt_dir), ckpt_dir), quiet():
-        return ChatterboxTurboTTS.from_local(ckpt_dir, device)
-
 
 class EnglishOnly(Languages):
-    """Turbo speaks English: a voice set to speak another language is warned
-    about (once) and offered in English."""
+    """Turbo and Nano speak English: a voice set to speak another language is
+    warned about (once) and offered in English, unless another model of the
+    server speaks that language (then that model offers it)."""
 
     def for_voice(self, wanted: Optional[Sequence[str]]) -> List[str]:
         if wanted and not any(code.lower().startswith("en") for code in wanted):
+            if any(self.served_elsewhere(code) for code in wanted):
+                return []
             self.warn_once(
-                "Chatterbox Turbo speaks English only, not %s; use --model "
-                "multilingual for other languages",
+                "%s speaks English only, not %s; add --model multilingual for "
+                "other languages",
+                self.model_name,
                 ", ".join(wanted),
             )
         return ["en"]
 
 
 class TurboBackend(ChatterboxBackend):
-    """Chatterbox Turbo (English) on one device."""
+    """Chatterbox Turbo (English) on one device; NanoBackend is the same with
+    a smaller T3."""
 
-    kind = "turbo"
-    model_name = "Chatterbox Turbo"
-    repo_id = REPO_ID
-    model_files = MODEL_FILES
+    variant = TURBO
+    kind = TURBO.kind
+    model_name = TURBO.model_name
+    repo_id = TURBO.repo_id
+    model_files = TURBO.model_files
     languages = {"en": "English"}
 
     def __init__(self, settings: ModelSettings) -> None:
@@ -114,12 +79,22 @@ class TurboBackend(ChatterboxBackend):
         return EnglishOnly(self.model_name, self.languages)
 
     def _find_model(self) -> Path:
-        return ensure_model(self.settings.data_dir, REPO_ID, ALLOW_PATTERNS)
+        variant = self.variant
+        return ensure_model(
+            self.settings.data_dir, variant.repo_id, variant.allow_patterns
+        )
 
     def _load_model(self, ckpt_dir: Path) -> Any:
         from .self_check import prepare_fast_path
 
-        model = load_turbo_model(ckpt_dir, self.device)
+        model = load_turbo_model(ckpt_dir, self.device, self.variant)
+        # "auto" decided for this CPU (int8 T3, S3Gen's flow in bfloat16 where
+        # native); on a GPU the self-check decides T3's precision.
+        self.fast = resolved_fast_path(self.settings.fast, self.device)
+        if self.fast.s3gen_dtype == "bfloat16":
+            from .s3stream import flow_in_bfloat16
+
+            flow_in_bfloat16(model.s3gen)
         # The decoder, its CUDA graphs, S3Gen in pieces: built and, on a GPU,
         # checked against the slower reference (self_check).
         setup = prepare_fast_path(model, self.fast, self.device)
@@ -337,3 +312,14 @@ class TurboBackend(ChatterboxBackend):
         for audio, tokens in marks.rest():
             yield Piece(audio=audio, tokens=tokens)
         stats.watermark_s = list(marker.stats)
+
+
+class NanoBackend(TurboBackend):
+    """Chatterbox Nano: Turbo with GPT-2 small for T3, for CPUs and small
+    memory (English)."""
+
+    variant = NANO
+    kind = NANO.kind
+    model_name = NANO.model_name
+    repo_id = NANO.repo_id
+    model_files = NANO.model_files
