@@ -18,7 +18,7 @@ import logging
 import threading
 import time
 from collections import deque
-from typing import Callable, Deque, Dict, List, Optional
+from typing import Callable, Deque, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -37,6 +37,14 @@ from .speech import (
 from .stream import GROUP_END, STREAM_END, StreamState, SynthesisStream
 
 _LOGGER = logging.getLogger(__name__)
+
+# What the event loop may ask the worker to do with the model (model_request).
+LOAD = "load"
+UNLOAD = "unload"
+
+
+class EngineBusy(Exception):
+    """The model cannot be unloaded now: replies are in progress."""
 
 
 class EngineWorker:
@@ -77,6 +85,8 @@ class EngineWorker:
         self._thread: Optional[threading.Thread] = None
         self._loaded: "Optional[asyncio.Future[None]]" = None
         self._died: "Optional[asyncio.Future[BaseException]]" = None
+        # Load/unload requests from the event loop, served between pieces.
+        self._requests: Deque[Tuple[str, "asyncio.Future[None]"]] = deque()
 
     @property
     def sample_rate(self) -> int:
@@ -121,6 +131,33 @@ class EngineWorker:
             self._cond.notify_all()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    @property
+    def running(self) -> bool:
+        """Whether the worker serves requests (started, not stopped or dead)."""
+        thread = self._thread
+        return thread is not None and thread.is_alive() and not self._stopping
+
+    async def model_request(self, what: str) -> None:
+        """LOAD or UNLOAD the model now, on the worker, between two pieces of
+        work; returns once done. UNLOAD raises EngineBusy while any reply is in
+        progress; LOAD raises what the backend's load() raised. A speech
+        request after an UNLOAD loads the model again by itself."""
+        future = asyncio.get_running_loop().create_future()
+        with self._cond:
+            if what == UNLOAD and self._streams:
+                raise EngineBusy(self._busy_message_locked())
+            if not self.running:
+                raise EngineError("the speech engine is not running")
+            self._requests.append((what, future))
+            self._cond.notify_all()
+        await future
+
+    def _busy_message_locked(self) -> str:
+        return (
+            f"{len(self._streams)} replies are in progress; stop them or wait "
+            "before unloading the model"
+        )
 
     def voices(self) -> List[VoiceInfo]:
         """The backend's voices, after a fresh look for new ones; new voices are
@@ -310,15 +347,22 @@ class EngineWorker:
             with self._cond:
                 abandoned = self._abandoned + list(self._streams)
                 self._abandoned = []
+                requests, self._requests = list(self._requests), deque()
+            for _, future in requests:
+                self._answer(future, EngineError("the speech engine stopped"))
             self._close_groups(abandoned)
             self.backend.close()
 
     def _serve_once(self) -> bool:
         """Wait for something to do and do one piece of it; False to stop."""
+        if self._serve_request():
+            return True
         unload = False
         text: Optional[str] = None
         with self._cond:
             while True:
+                if self._requests and not self._stopping:
+                    return True  # served first, by the next call
                 stream = self._next_job_locked()
                 if stream is not None or self._stopping:
                     break
@@ -340,7 +384,10 @@ class EngineWorker:
             abandoned, self._abandoned = self._abandoned, []
         self._close_groups(abandoned)
         if unload:
-            self._unload()
+            self._unload(
+                f"Idle for {self.settings.idle_unload:.0f} s: unloading the model "
+                "to free its memory"
+            )
         elif stream is None:
             # Nothing to speak: the backend's deferred work, one step.
             if self._background_step():
@@ -348,7 +395,7 @@ class EngineWorker:
                     self._background_due = True
         else:
             if text is not None and not self.model_loaded:
-                self._reload()
+                self._reload("A request came after an unload: loading the model again")
             self._step(stream, text)
         return True
 
@@ -372,30 +419,64 @@ class EngineWorker:
             return None
         return self._last_active + idle_unload - self.clock()
 
-    def _unload(self) -> None:
-        _LOGGER.info(
-            "Idle for %.0f s: unloading the model to free its memory",
-            self.settings.idle_unload,
-        )
+    def _serve_request(self) -> bool:
+        """Serve one load/unload request (model_request), if one waits."""
+        with self._cond:
+            if not self._requests or self._stopping:
+                return False
+            what, future = self._requests.popleft()
+            busy = what == UNLOAD and bool(self._streams)
+            message = self._busy_message_locked() if busy else ""
+        error: Optional[BaseException] = None
+        if busy:
+            error = EngineBusy(message)
+        elif what == UNLOAD and self.model_loaded:
+            self._unload("Unloading the model on request")
+        elif what == LOAD and not self.model_loaded:
+            error = self._reload("Loading the model on request")
+        self._answer(future, error)
+        return True
+
+    @staticmethod
+    def _answer(future: "asyncio.Future[None]", error: Optional[BaseException]) -> None:
+        """Settle a request's future on its event loop (it may have gone)."""
+
+        def settle() -> None:
+            if future.done():
+                return
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+        try:
+            future.get_loop().call_soon_threadsafe(settle)
+        except RuntimeError:  # the loop is closed
+            pass
+
+    def _unload(self, reason: str) -> None:
+        _LOGGER.info("%s", reason)
         self.model_loaded = False
         try:
             self.backend.close()
         except Exception:  # pylint: disable=broad-except
             _LOGGER.exception("Unloading the model failed")
 
-    def _reload(self) -> None:
-        """Load the model again for a request; a failure fails that group."""
-        _LOGGER.info("A request came after an idle unload: loading the model again")
+    def _reload(self, reason: str) -> Optional[Exception]:
+        """Load the model again; the error if that failed (a request that
+        needed it fails)."""
+        _LOGGER.info("%s", reason)
         started = self.clock()
         try:
             self.backend.load()
-        except Exception:  # pylint: disable=broad-except
+        except Exception as err:  # pylint: disable=broad-except
             _LOGGER.exception("Loading the model again failed")
-            return
+            return err
         self.model_loaded = True
         with self._cond:
             self._last_active = self.clock()
         _LOGGER.info("Model back in %.1f s", self.clock() - started)
+        return None
 
     def _background_step(self) -> bool:
         """One piece of the backend's deferred work; True if there may be more."""
