@@ -14,7 +14,7 @@ import signal
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Awaitable, Callable, Optional, Set
+from typing import TYPE_CHECKING, Awaitable, Callable, Optional, Set
 from urllib.parse import urlparse
 
 from wyoming.error import Error
@@ -28,6 +28,10 @@ from .metrics import Metrics, MetricsServer, MetricsServerError, start_metrics_s
 from .reply import Replies, ReplyRecord
 from .settings import ServerSettings, Settings
 from .speech import EngineDied, ModelLoadError, SpeechBackend, UnknownVoice
+from .web import HttpStartError
+
+if TYPE_CHECKING:
+    from .web.app import HttpServer
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -200,6 +204,7 @@ async def run_server(
     )
     listener: Optional[Listener] = None
     metrics_server: Optional[MetricsServer] = None
+    http: "Optional[HttpServer]" = None
     advertising: "Optional[asyncio.Task[None]]" = None
     try:
         # Before the slow load: a taken port fails at once, and a scrape shows
@@ -207,6 +212,7 @@ async def run_server(
         metrics_server = await _serve_metrics(metrics, replies, server)
         await engine.start()
         voices = _check_default_voice(backend, settings.reply.default_voice)
+        http = await _serve_http(replies, settings)
 
         if server.uri.startswith("stdio://"):
             _LOGGER.info("Ready on %s with voices: %s", server.uri, ", ".join(voices))
@@ -232,6 +238,8 @@ async def run_server(
         await connections.drain(server.shutdown_grace)
     finally:
         await _withdraw(advertising, advertiser)
+        if http is not None:
+            await http.stop()
         if listener is not None:
             await listener.close()
         await engine.stop()
@@ -256,6 +264,17 @@ async def _serve_metrics(
     )
     _LOGGER.info("Prometheus metrics on %s", metrics_server.url)
     return metrics_server
+
+
+async def _serve_http(replies: Replies, settings: Settings) -> "Optional[HttpServer]":
+    """The web page and HTTP API, if --http-port asks for them."""
+    if settings.http.http_port is None:
+        return None
+    from .web.app import HttpServer  # pylint: disable=import-outside-toplevel
+
+    http = HttpServer(replies, settings)
+    await http.start()
+    return http
 
 
 def _check_default_voice(backend: SpeechBackend, default_voice: str) -> list:
@@ -356,6 +375,9 @@ def run(settings: Settings) -> int:
         return 1
     except MetricsServerError as err:
         _LOGGER.error("--metrics-port %s: %s", settings.server.metrics_port, err)
+        return 1
+    except HttpStartError as err:
+        _LOGGER.error("%s", err)
         return 1
     except EngineDied as err:
         _LOGGER.error("Exiting: %s (a supervisor such as Docker restarts it)", err)
