@@ -12,6 +12,7 @@ import soundfile
 from tests.fakes import FakeBackend, fake_bytes
 from tests.http_helpers import error_of, serve_http, session, sse_events
 from wyoming_chatterbox.speech import Piece
+from wyoming_chatterbox.web.audio_formats import is_mp3_tag_frame, mp3_frame_length
 
 TEXT = (
     "The first sentence is short. Here is the second one. And a third to fill "
@@ -95,7 +96,11 @@ async def test_mp3_is_sent_as_it_is_made() -> None:
             first = await resp.content.readany()
             made_then = len(backend.finished)
             rest = await resp.read()
-    assert first[:2] == b"\xff\xf3"  # an MPEG-2 layer III frame, no tag first
+    # An MPEG-2 layer III frame of audio first: not the encoder's Xing/Info
+    # tag frame (all zeros until the encoder fills it in at the end).
+    length = mp3_frame_length(first)
+    assert first[:2] == b"\xff\xf3" and length is not None
+    assert not is_mp3_tag_frame(first[:length])
     assert b"Xing" not in first[:64] and b"Info" not in first[:64]
     assert made_then < 3
     audio, _ = soundfile.read(io.BytesIO(first + rest))

@@ -205,6 +205,38 @@ async def test_a_body_over_the_cap_is_refused_before_it_is_read(tmp_path: Path) 
     assert folder(voices_dir) == []
 
 
+async def test_a_streamed_body_is_cut_off_at_the_cap(tmp_path: Path) -> None:
+    """No Content-Length (chunked): the cap is counted as the clip streams in."""
+    backend, voices_dir = clip_backend(tmp_path)
+    writer = aiohttp.MultipartWriter("form-data")
+    writer.append("big").set_content_disposition("form-data", name="name")
+    part = writer.append(b"\0" * 2_000_000, {"Content-Type": "audio/wav"})
+    part.set_content_disposition("form-data", name="file", filename="big.wav")
+    buffer = io.BytesIO()
+
+    class Sink:
+        async def write(self, data: bytes) -> None:
+            buffer.write(data)
+
+    await writer.write(Sink())  # type: ignore[arg-type]
+    body = buffer.getvalue()
+
+    async def chunks():  # type: ignore[no-untyped-def]
+        for start in range(0, len(body), 65536):
+            yield body[start : start + 65536]
+
+    headers = {"Content-Type": f"multipart/form-data; boundary={writer.boundary}"}
+    async with serve_http(
+        backend, max_upload_bytes=100_000
+    ) as server, session() as client:
+        async with client.post(
+            f"{server.url}/api/voices", data=chunks(), headers=headers
+        ) as resp:
+            assert resp.status == 413
+            assert error_of(await resp.json())["code"] == "file_too_large"
+    assert folder(voices_dir) == []
+
+
 async def test_a_form_that_is_not_multipart_or_has_other_fields(tmp_path: Path) -> None:
     backend, voices_dir = clip_backend(tmp_path)
     async with serve_http(backend) as server, session() as client:

@@ -6,8 +6,8 @@ wav and pcm pass the PCM through, mp3, opus (in Ogg) and flac are encoded by
 libsndfile (bundled in the soundfile wheel: no ffmpeg). Each hands on bytes
 as soon as the codec has them:
 - mp3: constant bitrate frames, which join end to end; the encoder's leading
-  Xing/Info frame (a length table filled in at the end) is left out, since it
-  would be sent before the length is known;
+  Xing/Info frame (a length table, zeros until it is filled in at the end) is
+  left out, since it would be sent before the length is known;
 - opus: Ogg pages, sent as libsndfile completes them (about one a second);
 - flac: frames as they are made, the header's total length and checksum left
   at 0 ("unknown", as the FLAC format allows for streams).
@@ -213,5 +213,7 @@ def mp3_frame_length(data: bytes) -> Optional[int]:
 
 
 def is_mp3_tag_frame(frame: bytes) -> bool:
-    """Whether a frame is a Xing/Info (LAME) tag rather than audio."""
-    return b"Xing" in frame[:64] or b"Info" in frame[:64]
+    """Whether a frame is a Xing/Info (LAME) tag rather than audio: its
+    markers, or the zeros LAME writes in its place until the end."""
+    body = frame[4:]
+    return b"Xing" in body[:64] or b"Info" in body[:64] or not body.strip(b"\0")
