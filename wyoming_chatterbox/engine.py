@@ -9,8 +9,8 @@ Each stream's scheduling state is one `StreamState` that only the worker touches
 its thread, or under its lock in the methods a handle calls). This module knows
 nothing about torch, Wyoming or text; it must not block the event loop.
 
-Long (~500 lines): the worker's scheduling and the model's life (load, warm-up,
-idle unload, reload) share one lock and one thread.
+Long (~600 lines): the worker's scheduling and the model's life (load, warm-up,
+idle unload, reload, load and unload on request) share one lock and one thread.
 """
 
 import asyncio
