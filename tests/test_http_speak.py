@@ -7,15 +7,18 @@ import base64
 import contextlib
 import logging
 import struct
+import threading
 
+import aiohttp
 import pytest
 from wyoming.tts import Synthesize
 
 from tests.fakes import FakeBackend, fake_bytes
-from tests.http_helpers import error_of, serve_http, session, sse_events
-from tests.wyoming_client import connect
+from tests.http_helpers import error_of, http_settings, serve_http, session, sse_events
+from tests.wyoming_client import connect, free_port
 from wyoming_chatterbox import __version__
 from wyoming_chatterbox.sentences import split_groups
+from wyoming_chatterbox.server import run_server
 
 # Seven sentences: three groups (the first is one sentence, then threes).
 TEXT = (
@@ -303,3 +306,49 @@ async def test_a_reply_after_an_unload_loads_the_model_again() -> None:
         ) as resp:
             assert len(await resp.read()) == 44 + fake_bytes("Hello.")
     assert backend.loads == 2
+
+
+async def test_the_http_side_answers_while_the_model_loads() -> None:
+    """It listens before the (slow) first load: /health says 503 until the
+    model is there, and a reply asked for meanwhile waits for it."""
+    gate = threading.Event()
+
+    class SlowLoad(FakeBackend):
+        def load(self) -> None:
+            gate.wait(10)
+            super().load()
+
+    backend = SlowLoad()
+    port, http_port = free_port(), free_port()
+    settings = http_settings(uri=f"tcp://127.0.0.1:{port}", http_port=http_port)
+    task = asyncio.create_task(run_server(backend, settings))
+    url = f"http://127.0.0.1:{http_port}"
+    try:
+        async with session() as client:
+            for _ in range(200):
+                with contextlib.suppress(aiohttp.ClientConnectionError):
+                    async with client.get(f"{url}/health") as resp:
+                        assert resp.status == 503
+                        assert error_of(await resp.json())["code"] == "engine_stopped"
+                        break
+                await asyncio.sleep(0.02)
+            else:
+                raise AssertionError("the HTTP side did not listen during the load")
+
+            async def speak() -> bytes:
+                body = {"text": "Hello."}
+                async with client.post(f"{url}/api/speak.wav", json=body) as resp:
+                    return await resp.read()
+
+            speaking = asyncio.ensure_future(speak())
+            await asyncio.sleep(0.2)
+            assert not speaking.done() and backend.asked == []
+            gate.set()
+            assert len(await speaking) == 44 + fake_bytes("Hello.")
+            async with client.get(f"{url}/health") as resp:
+                assert resp.status == 200
+    finally:
+        gate.set()
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task

@@ -134,9 +134,18 @@ class EngineWorker:
 
     @property
     def running(self) -> bool:
-        """Whether the worker serves requests (started, not stopped or dead)."""
-        thread = self._thread
-        return thread is not None and thread.is_alive() and not self._stopping
+        """Whether the worker serves requests: its first load done, not
+        stopped or dead (the model may be unloaded: a request reloads it)."""
+        thread, loaded = self._thread, self._loaded
+        return (
+            thread is not None
+            and thread.is_alive()
+            and not self._stopping
+            and loaded is not None
+            and loaded.done()
+            and not loaded.cancelled()
+            and loaded.exception() is None
+        )
 
     async def model_request(self, what: str) -> None:
         """LOAD or UNLOAD the model now, on the worker, between two pieces of

@@ -185,7 +185,8 @@ async def run_server(
     advertiser: Optional[ZeroconfAdvertiser] = None,
 ) -> None:
     """Load the model, then serve until SIGTERM/SIGINT (or until `stop_signal`
-    returns). Raises ModelLoadError, MetricsServerError, EngineDied.
+    returns). Raises ModelLoadError, MetricsServerError, HttpStartError,
+    EngineDied.
 
     A stop ends well: no new connections, replies in progress get
     `shutdown_grace` seconds to finish and are then cut short with an
@@ -210,9 +211,11 @@ async def run_server(
         # Before the slow load: a taken port fails at once, and a scrape shows
         # the model loading.
         metrics_server = await _serve_metrics(metrics, replies, server)
+        # Also before the load: a taken port or a bad certificate fails at
+        # once, and /health says 503 while the model loads.
+        http = await _serve_http(replies, settings)
         await engine.start()
         voices = _check_default_voice(backend, settings.reply.default_voice)
-        http = await _serve_http(replies, settings)
 
         if server.uri.startswith("stdio://"):
             _LOGGER.info("Ready on %s with voices: %s", server.uri, ", ".join(voices))

@@ -10,6 +10,7 @@ here blocks the loop. `HttpServer` is what server.py starts and stops.
 
 import asyncio
 import logging
+import os
 import ssl
 from pathlib import Path
 from typing import Optional
@@ -204,9 +205,16 @@ def tls_context(settings: Settings) -> Optional[ssl.SSLContext]:
     except (OSError, ssl.SSLError) as err:
         raise HttpStartError(
             f"--http-cert {http.http_cert} / --http-key {http.http_key}: cannot "
-            f"load them ({err})"
+            f"load them ({_reason(err)})"
         ) from None
     return context
+
+
+def _reason(err: OSError) -> str:
+    """ "Address already in use", not asyncio's sentence around it."""
+    if isinstance(err, ssl.SSLError) or not err.errno:
+        return str(err)
+    return os.strerror(err.errno)
 
 
 class HttpServer:
@@ -246,7 +254,7 @@ class HttpServer:
         except OSError as err:
             await runner.cleanup()
             raise HttpStartError(
-                f"--http-port {http.http_port} on {http.http_host}: {err.strerror or err}"
+                f"--http-port {http.http_port} on {http.http_host}: {_reason(err)}"
             ) from None
         self._runner = runner
         if not self.port:  # port 0 (tests): the one the system chose
