@@ -8,6 +8,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
+from yarl import URL
 
 from tests.fakes import FakeBackend
 from tests.http_helpers import error_of, serve_http, session
@@ -318,3 +319,24 @@ async def test_https_with_a_certificate(tmp_path: Path) -> None:
                     f"http://127.0.0.1:{server.http_port}/health"
                 ) as resp:
                     await resp.read()
+
+
+async def test_the_page_and_only_its_own_files() -> None:
+    async with serve_http(FakeBackend()) as server, session() as client:
+        async with client.get(f"{server.url}/") as resp:
+            assert resp.status == 200 and resp.content_type == "text/html"
+            assert "/static/" in await resp.text()
+        async with client.get(f"{server.url}/static/style.css") as resp:
+            assert resp.status == 200
+        for path in (
+            "/static/../../setup.cfg",
+            "/static/..%2F..%2Fsetup.cfg",
+            "/static/%2e%2e/%2e%2e/setup.cfg",
+            "/static/../web/app.py",
+            "/static/",
+        ):
+            # As written: not normalised by the client first.
+            url = URL(f"{server.url}{path}", encoded=True)
+            async with client.get(url) as resp:
+                assert resp.status in (403, 404), path
+                assert "install_requires" not in await resp.text()
