@@ -1,7 +1,8 @@
 """A real headless Chromium for the web page's tests, driven by Playwright.
 
 The browser is the system's (Debian's `chromium`; never `playwright install`),
-with a fresh profile per page. Nothing it does may leave this machine: host
+launched once per test module with a fresh profile; each page gets a context
+of its own. Nothing it does may leave this machine: host
 names resolve to nothing, any other address goes to a dead proxy, and every
 request the page makes is recorded so that a test can show it stayed on
 127.0.0.1. Without Chromium or Playwright the tests skip, unless
@@ -52,8 +53,8 @@ def chromium() -> str:
     except ImportError:
         reason = "Playwright is not installed (script/setup --dev)"
     else:
-        if not path:
-            reason = "no Chromium to drive (apt-get install chromium)"
+        if not path or not os.path.isfile(path):
+            reason = f"no Chromium to drive at {path or 'chromium'} (apt-get install chromium)"
     if reason is None:
         return str(path)
     if os.environ.get(REQUIRE_ENV) == "1":
@@ -63,7 +64,7 @@ def chromium() -> str:
 
 @dataclass
 class Page:
-    """A page and what it did: every request's URL, console errors, dialogs."""
+    """A page and what it did: every request's URL and every error it reported."""
 
     page: Any  # playwright.async_api.Page
     requests: List[str] = field(default_factory=list)
@@ -81,40 +82,45 @@ class Page:
 
 
 @contextlib.asynccontextmanager
-async def open_page(
-    url: str, profile: Path, flags: Sequence[str] = (), init_script: str = ""
-) -> AsyncIterator[Page]:
-    """The page at `url` in a fresh headless Chromium."""
+async def launch(flags: Sequence[str] = ()) -> AsyncIterator[Any]:
+    """A headless Chromium (a playwright Browser) with a fresh profile."""
     from playwright.async_api import async_playwright
 
     executable = chromium()
     async with async_playwright() as playwright:
-        context = await playwright.chromium.launch_persistent_context(
-            str(profile),
-            executable_path=executable,
-            headless=True,
-            args=[*FLAGS, *flags],
-            viewport={"width": 1200, "height": 860},
+        browser = await playwright.chromium.launch(
+            executable_path=executable, headless=True, args=[*FLAGS, *flags]
         )
         try:
-            page = context.pages[0] if context.pages else await context.new_page()
-            record = Page(page)
-            page.on("request", lambda request: record.requests.append(request.url))
-            page.on("pageerror", lambda error: record.errors.append(str(error)))
-            page.on(
-                "console",
-                lambda message: (
-                    record.errors.append(message.text)
-                    if message.type == "error"
-                    else None
-                ),
-            )
-            if init_script:
-                await page.add_init_script(init_script)
-            await page.goto(url)
-            yield record
+            yield browser
         finally:
-            await context.close()
+            await browser.close()
+
+
+@contextlib.asynccontextmanager
+async def open_page(
+    browser: Any, url: str, init_script: str = ""
+) -> AsyncIterator[Page]:
+    """The page at `url` in a new browser context (its own storage, cookies
+    and cache), recording what it requests and every error it reports."""
+    context = await browser.new_context(viewport={"width": 1200, "height": 860})
+    try:
+        page = await context.new_page()
+        record = Page(page)
+        page.on("request", lambda request: record.requests.append(request.url))
+        page.on("pageerror", lambda error: record.errors.append(str(error)))
+        page.on(
+            "console",
+            lambda message: (
+                record.errors.append(message.text) if message.type == "error" else None
+            ),
+        )
+        if init_script:
+            await page.add_init_script(init_script)
+        await page.goto(url)
+        yield record
+    finally:
+        await context.close()
 
 
 async def screenshot(page: Page, name: str) -> Path:

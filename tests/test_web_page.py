@@ -15,10 +15,11 @@ from typing import Any, AsyncIterator, Iterator, List
 
 import numpy as np
 import pytest
+import pytest_asyncio
 from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize
 
-from tests.browser import FAKE_MICROPHONE, Page, open_page, screenshot
+from tests.browser import FAKE_MICROPHONE, Page, launch, open_page, screenshot
 from tests.fakes import (
     FakeBackend,
     FakeClipBackend,
@@ -27,6 +28,7 @@ from tests.fakes import (
     write_clip,
 )
 from tests.wyoming_client import connect, free_port
+from wyoming_chatterbox.server import run_server
 from wyoming_chatterbox.settings import ModelSettings, Settings
 from wyoming_chatterbox.speech import GroupStats, Piece, SpeechJob, SynthesisCancelled
 
@@ -43,6 +45,17 @@ BUTTONS = [
 ]
 
 
+# One browser for the module's tests (a launch takes seconds); each page has a
+# context of its own.
+pytestmark = pytest.mark.asyncio(loop_scope="module")
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def browser() -> AsyncIterator[Any]:
+    async with launch() as browser:
+        yield browser
+
+
 @dataclass
 class WebServer:
     url: str
@@ -52,41 +65,47 @@ class WebServer:
 
 
 @pytest.fixture
-def web(serve_backend, tmp_path: Path):  # type: ignore[no-untyped-def]
-    """web(backend=None, **settings): the real server with its HTTP side on."""
+def web(tmp_path: Path):  # type: ignore[no-untyped-def]
+    """web(backend=None, **settings): the real server, its HTTP side on, in
+    this process on 127.0.0.1; stopped as SIGTERM would stop it."""
 
     @contextlib.asynccontextmanager
     async def factory(backend: Any = None, **values: Any) -> AsyncIterator[WebServer]:
         voices = tmp_path / "voices"
         voices.mkdir(exist_ok=True)
-        if backend is None:
-            backend = FakeBackend()
-        http_port = free_port()
+        backend = backend or FakeBackend()
+        wyoming_port, http_port = free_port(), free_port()
         settings = Settings.of(
+            uri=f"tcp://127.0.0.1:{wyoming_port}",
+            http_port=http_port,
             default_voice="default",
             loudness=None,
             clean_text=False,
             voices_dir=voices,
-            http_port=http_port,
+            shutdown_grace=0.5,
             **values,
         )
-        async with serve_backend(backend, settings) as server:
-            await _until_listening(http_port)
-            yield WebServer(
-                f"http://127.0.0.1:{http_port}/", server.port, backend, voices
-            )
+        ready, stop = asyncio.Event(), asyncio.Event()
+
+        async def on_ready() -> None:
+            ready.set()
+
+        server = asyncio.create_task(
+            run_server(backend, settings, on_ready=on_ready, stop_signal=stop.wait)
+        )
+        started = asyncio.create_task(ready.wait())
+        await asyncio.wait([server, started], return_when=asyncio.FIRST_COMPLETED)
+        if server.done():
+            started.cancel()
+            server.result()  # raises what stopped it
+        try:
+            url = f"http://127.0.0.1:{http_port}/"
+            yield WebServer(url, wyoming_port, backend, voices)
+        finally:
+            stop.set()
+            await asyncio.wait_for(server, 10)
 
     return factory
-
-
-async def _until_listening(port: int) -> None:
-    for _ in range(200):
-        with contextlib.suppress(OSError):
-            _, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.close()
-            return
-        await asyncio.sleep(0.02)
-    raise AssertionError(f"nothing listens on 127.0.0.1:{port}")
 
 
 def clip_backend(tmp_path: Path, cls: Any = FakeClipBackend) -> Any:
@@ -164,8 +183,10 @@ def cancelled_lines(caplog: pytest.LogCaptureFixture) -> List[str]:
     ]
 
 
-async def test_page_loads_with_nothing_from_the_network(web, tmp_path: Path) -> None:
-    async with web() as server, open_page(server.url, tmp_path / "profile") as page:
+async def test_page_loads_with_nothing_from_the_network(
+    web, browser, tmp_path: Path
+) -> None:
+    async with web() as server, open_page(browser, server.url) as page:
         await page.wait("document.querySelectorAll('#voice option').length > 0")
         await page.wait("document.getElementById('status-device').textContent !== '–'")
         ui = page.page
@@ -183,12 +204,14 @@ async def test_page_loads_with_nothing_from_the_network(web, tmp_path: Path) -> 
     assert page.errors == []
 
 
-async def test_speak_plays_before_the_reply_is_generated(web, tmp_path: Path) -> None:
+async def test_speak_plays_before_the_reply_is_generated(
+    web, browser, tmp_path: Path
+) -> None:
     (tmp_path / "voices").mkdir()
     write_clip(tmp_path / "voices" / "alice.wav")
     write_clip(tmp_path / "voices" / "bob.wav")
     backend = clip_backend(tmp_path, SlowClipBackend)
-    async with web(backend) as server, open_page(server.url, tmp_path / "p") as page:
+    async with web(backend) as server, open_page(browser, server.url) as page:
         await page.wait("document.querySelectorAll('#voice option').length === 3")
         await page.page.select_option("#voice", "alice")
         text = page.page.get_by_role("textbox", name="Text", exact=True)
@@ -216,10 +239,10 @@ async def test_speak_plays_before_the_reply_is_generated(web, tmp_path: Path) ->
     assert state["error"] is None and page.errors == []
 
 
-async def test_pieces_are_scheduled_back_to_back(web, tmp_path: Path) -> None:
+async def test_pieces_are_scheduled_back_to_back(web, browser, tmp_path: Path) -> None:
     # A fast fake: pieces arrive sooner than they play, so each must start
     # exactly where the previous one ends.
-    async with web() as server, open_page(server.url, tmp_path / "p") as page:
+    async with web() as server, open_page(browser, server.url) as page:
         await page.wait("document.querySelectorAll('#voice option').length > 0")
         await page.page.get_by_role("textbox", name="Text").fill(LONG_TEXT)
         await page.page.get_by_role("button", name="Speak", exact=True).click()
@@ -235,11 +258,11 @@ async def test_pieces_are_scheduled_back_to_back(web, tmp_path: Path) -> None:
 
 
 async def test_stop_ends_playback_and_cancels_the_reply(
-    web, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    web, browser, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="wyoming_chatterbox")
     backend = LongPiecesBackend(delay=0.7)
-    async with web(backend) as server, open_page(server.url, tmp_path / "p") as page:
+    async with web(backend) as server, open_page(browser, server.url) as page:
         await page.wait("document.querySelectorAll('#voice option').length > 0")
         await page.page.get_by_role("textbox", name="Text").fill(LONG_TEXT)
         await page.page.get_by_role("button", name="Speak", exact=True).click()
@@ -264,11 +287,11 @@ async def test_stop_ends_playback_and_cancels_the_reply(
 
 
 async def test_stop_all_cancels_every_reply_on_the_server(
-    web, tmp_path: Path, caplog: pytest.LogCaptureFixture
+    web, browser, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     caplog.set_level(logging.INFO, logger="wyoming_chatterbox")
     backend = FakeBackend(delay=0.7)
-    async with web(backend) as server, open_page(server.url, tmp_path / "p") as page:
+    async with web(backend) as server, open_page(browser, server.url) as page:
         async with connect(server.wyoming_port) as client:
             # Another front end's reply (Home Assistant's, say).
             await client.send(Synthesize(text=LONG_TEXT).event())
@@ -285,11 +308,11 @@ async def test_stop_all_cancels_every_reply_on_the_server(
 
 
 async def test_uploaded_voice_appears_in_the_list_and_in_describe_then_is_deleted(
-    web, tmp_path: Path
+    web, browser, tmp_path: Path
 ) -> None:
     clip = write_clip(tmp_path / "Alice Smith.wav")
     async with web(clip_backend(tmp_path)) as server, open_page(
-        server.url, tmp_path / "p"
+        browser, server.url
     ) as page:
         await page.wait("document.querySelectorAll('#voice option').length > 0")
         await page.page.evaluate("() => { window.__sameDocument = true; }")
@@ -327,11 +350,11 @@ async def test_uploaded_voice_appears_in_the_list_and_in_describe_then_is_delete
 
 
 async def test_a_bad_upload_shows_the_servers_reason_and_writes_nothing(
-    web, tmp_path: Path
+    web, browser, tmp_path: Path
 ) -> None:
     short = write_clip(tmp_path / "short.wav", seconds=2.0)
     async with web(clip_backend(tmp_path)) as server, open_page(
-        server.url, tmp_path / "p"
+        browser, server.url
     ) as page:
         await page.wait("document.querySelectorAll('#voice option').length > 0")
         upload = page.page.get_by_role("button", name="Upload voice")
@@ -352,9 +375,9 @@ async def test_a_bad_upload_shows_the_servers_reason_and_writes_nothing(
 async def test_a_recording_from_the_microphone_becomes_a_voice(
     web, tmp_path: Path
 ) -> None:
-    async with web(clip_backend(tmp_path)) as server, open_page(
-        server.url, tmp_path / "p", flags=FAKE_MICROPHONE
-    ) as page:
+    async with web(clip_backend(tmp_path)) as server, launch(
+        FAKE_MICROPHONE
+    ) as with_microphone, open_page(with_microphone, server.url) as page:
         await page.wait("document.querySelectorAll('#voice option').length > 0")
         await page.page.get_by_role("button", name="Record clip").click()
         await page.page.get_by_role("button", name="Stop recording").wait_for()
@@ -374,11 +397,13 @@ async def test_a_recording_from_the_microphone_becomes_a_voice(
         assert clip.getnframes() / clip.getframerate() > 5.0
 
 
-async def test_without_a_microphone_the_page_says_why(web, tmp_path: Path) -> None:
+async def test_without_a_microphone_the_page_says_why(
+    web, browser, tmp_path: Path
+) -> None:
     # As on a plain-HTTP LAN address, where browsers give pages no microphone.
     hide = "Object.defineProperty(navigator, 'mediaDevices', {value: undefined});"
     async with web() as server, open_page(
-        server.url, tmp_path / "p", init_script=hide
+        browser, server.url, init_script=hide
     ) as page:
         record = page.page.get_by_role("button", name="Record clip")
         assert await record.is_disabled()
@@ -386,11 +411,11 @@ async def test_without_a_microphone_the_page_says_why(web, tmp_path: Path) -> No
     assert "HTTPS or on localhost" in status
 
 
-async def test_voices_are_grouped_by_language(web, tmp_path: Path) -> None:
+async def test_voices_are_grouped_by_language(web, browser, tmp_path: Path) -> None:
     (tmp_path / "voices").mkdir()
     write_clip(tmp_path / "voices" / "alice.wav")
     backend = clip_backend(tmp_path, FakeMultilingualBackend)
-    async with web(backend) as server, open_page(server.url, tmp_path / "p") as page:
+    async with web(backend) as server, open_page(browser, server.url) as page:
         await page.wait("document.querySelectorAll('#voice optgroup').length > 0")
         groups = await page.page.evaluate(
             """() => [...document.querySelectorAll('#voice optgroup')].map(g =>
@@ -421,10 +446,10 @@ async def test_voices_are_grouped_by_language(web, tmp_path: Path) -> None:
 
 
 async def test_model_buttons_unload_and_load_and_wait_for_replies(
-    web, tmp_path: Path
+    web, browser, tmp_path: Path
 ) -> None:
     backend = FakeBackend(delay=0.7)
-    async with web(backend) as server, open_page(server.url, tmp_path / "p") as page:
+    async with web(backend) as server, open_page(browser, server.url) as page:
         ui = page.page
         unload = ui.get_by_role("button", name="Unload model", exact=True)
         load = ui.get_by_role("button", name="Load model", exact=True)
@@ -452,9 +477,11 @@ async def test_model_buttons_unload_and_load_and_wait_for_replies(
         await page.wait("window.__voxState.phase === 'stopped'")
 
 
-async def test_a_token_protected_server_asks_for_the_token(web, tmp_path: Path) -> None:
+async def test_a_token_protected_server_asks_for_the_token(
+    web, browser, tmp_path: Path
+) -> None:
     async with web(http_token="open sesame") as server, open_page(
-        server.url, tmp_path / "p"
+        browser, server.url
     ) as page:
         ui = page.page
         token = ui.get_by_label("Token")
@@ -470,10 +497,10 @@ async def test_a_token_protected_server_asks_for_the_token(web, tmp_path: Path) 
         assert await ui.locator("#login").is_hidden()
 
 
-async def test_errors_from_the_api_are_shown_in_words(web, tmp_path: Path) -> None:
-    async with web(max_text_chars=40) as server, open_page(
-        server.url, tmp_path / "p"
-    ) as page:
+async def test_errors_from_the_api_are_shown_in_words(
+    web, browser, tmp_path: Path
+) -> None:
+    async with web(max_text_chars=40) as server, open_page(browser, server.url) as page:
         ui = page.page
         await page.wait("document.querySelectorAll('#voice option').length > 0")
         text = ui.get_by_role("textbox", name="Text")
@@ -489,9 +516,9 @@ async def test_errors_from_the_api_are_shown_in_words(web, tmp_path: Path) -> No
 
 
 async def test_the_page_reads_events_and_writes_wav_like_the_specs(
-    web, tmp_path: Path
+    web, browser, tmp_path: Path
 ) -> None:
-    async with web() as server, open_page(server.url, tmp_path / "p") as page:
+    async with web() as server, open_page(browser, server.url) as page:
         events = await page.page.evaluate(
             """() => {
               const p = new window.__vox.EventStreamParser();
