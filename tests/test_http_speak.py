@@ -195,6 +195,18 @@ async def test_body_that_is_not_json_or_too_large() -> None:
             error_of(await resp.json())
 
 
+async def test_no_clips_with_built_in_voices_only() -> None:
+    async with serve_http(FakeBackend()) as server, session() as client:
+        async with client.get(f"{server.url}/api/voices") as resp:
+            listed = await resp.json()
+        assert listed["voices"][0]["builtin"] is True and not listed["can_upload"]
+        async with client.get(f"{server.url}/api/voices/default/clip") as resp:
+            assert error_of(await resp.json())["code"] == "no_clip"
+        async with client.get(f"{server.url}/api/voices/nobody/clip") as resp:
+            assert resp.status == 404
+            assert error_of(await resp.json())["code"] == "voice_not_found"
+
+
 async def test_sampling_settings_reach_the_engine() -> None:
     class Recording(FakeBackend):
         def speak(self, job):  # type: ignore[no-untyped-def]

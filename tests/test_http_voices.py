@@ -246,6 +246,10 @@ async def test_a_form_that_is_not_multipart_or_has_other_fields(tmp_path: Path) 
         body.add_field("path", "/etc/passwd")
         async with client.post(f"{server.url}/api/voices", data=body) as resp:
             assert resp.status == 400
+        body = form("x", clip_bytes(tmp_path))
+        body.add_field("file", b"more", filename="second.wav")
+        async with client.post(f"{server.url}/api/voices", data=body) as resp:
+            assert resp.status == 400
         body = aiohttp.FormData(default_to_multipart=True)
         body.add_field("name", "nofile")
         async with client.post(f"{server.url}/api/voices", data=body) as resp:

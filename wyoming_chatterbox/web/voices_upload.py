@@ -16,7 +16,7 @@ import errno
 import os
 import tempfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Set, Tuple
 from urllib.parse import unquote
 
 from aiohttp import BodyPartReader, web
@@ -149,6 +149,7 @@ async def _read_form(
         raise ApiError(
             400, "Send the clip as multipart/form-data", "invalid_form"
         ) from None
+    seen: Set[str] = set()
     name: Optional[str] = None
     file_name: Optional[str] = None
     data: Optional[bytes] = None
@@ -160,6 +161,9 @@ async def _read_form(
             raise ApiError(
                 400, "The form takes the fields name and file only", "invalid_form"
             )
+        if part.name in seen:  # one of each: no endless stream of parts
+            raise ApiError(400, f"The form has {part.name} twice", "invalid_form")
+        seen.add(part.name)
         if part.name == "name":
             name = (await _read_part(part, MAX_NAME_BYTES, timeout, "name")).decode(
                 "utf-8", "replace"
@@ -318,8 +322,10 @@ def _place(temp: str, final: Path) -> None:
 def _clip_of(state: WebState, entry: str) -> Tuple[str, Optional[Path]]:
     """The voice an entry names and its clip; 404 for no such voice."""
     catalogue = _catalogue(state)
-    state.engine.voices()  # a fresh look at the folder
+    listed = state.engine.voices()  # a fresh look at the folder
     base = _base_name(catalogue, entry)
+    if catalogue is None and entry not in {voice.name for voice in listed}:
+        base = None
     if base is None:
         raise ApiError(404, f"There is no voice {entry!r}", "voice_not_found")
     clip = catalogue.clips.get(base) if catalogue is not None else None
