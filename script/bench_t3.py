@@ -74,14 +74,8 @@ def run_level(
     from wyoming_chatterbox.chatterbox.t3_decoder import T3Decoder
 
     dtype = getattr(torch, args.dtype)
-    decoder = T3Decoder(
-        model.t3,
-        args.device,
-        dtype,
-        cuda_graphs=args.device.startswith("cuda") and not args.no_cuda_graphs,
-        max_batch=batch,
-    )
-    decoder.warm_up()
+    decoder = T3Decoder(model.t3, args.device, dtype, max_batch=batch)
+    decoder.prepare(graphs=args.device.startswith("cuda") and not args.no_cuda_graphs)
     prefix = decoder.prefix(model.conds.t3)
     text = model.tokenizer(TEXT, return_tensors="pt").input_ids.to(args.device)
     params = SamplingParams()
@@ -150,8 +144,13 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.dtype is None:
-        args.dtype = "bfloat16" if args.device.startswith("cuda") else "float32"
+    if args.dtype is None:  # as the server picks it
+        from wyoming_chatterbox.settings import FastPath
+
+        capability = None
+        if args.device.startswith("cuda"):
+            capability = torch.cuda.get_device_capability(args.device)
+        args.dtype = FastPath().resolved_dtype(args.device, capability)
     torch.manual_seed(0)
     load_before = load_average()
     model = load_turbo_model(args.checkpoint, args.device)

@@ -3,12 +3,13 @@
 import asyncio
 import contextlib
 from dataclasses import dataclass
-from typing import Any, AsyncIterator, Callable
+from typing import Any, AsyncIterator, Callable, Optional
 
 import pytest
 
 from tests.fakes import FakeBackend
 from tests.wyoming_client import free_port
+from wyoming_chatterbox.metrics import Metrics
 from wyoming_chatterbox.server import run_server
 from wyoming_chatterbox.settings import Settings
 from wyoming_chatterbox.speech import SpeechBackend
@@ -26,7 +27,7 @@ ServerFactory = Callable[..., "contextlib.AbstractAsyncContextManager[RunningSer
 
 @contextlib.asynccontextmanager
 async def _serve(
-    backend: SpeechBackend, settings: Settings
+    backend: SpeechBackend, settings: Settings, metrics: Optional[Metrics] = None
 ) -> AsyncIterator[RunningServer]:
     port = free_port()
     ready = asyncio.Event()
@@ -39,6 +40,7 @@ async def _serve(
             backend,
             settings.replace(server={"uri": f"tcp://127.0.0.1:{port}"}),
             on_ready=on_ready,
+            metrics=metrics,
         )
     )
     await asyncio.wait_for(ready.wait(), 10)
@@ -91,5 +93,6 @@ def serve() -> Callable[..., "contextlib.AbstractAsyncContextManager[RunningServ
 def serve_backend() -> (
     Callable[..., "contextlib.AbstractAsyncContextManager[RunningServer]"]
 ):
-    """serve_backend(backend, settings): the real server around any backend."""
+    """serve_backend(backend, settings, metrics=None): the real server around
+    any backend."""
     return _serve

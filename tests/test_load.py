@@ -81,7 +81,13 @@ async def test_32_clients_get_their_own_complete_replies(serve_backend) -> None:
     from wyoming_chatterbox.settings import Settings
 
     backend = EchoBackend(delay=0.002)
-    settings = Settings.of(default_voice="default", loudness=None, clean_text=False)
+    # All 32 clients are 127.0.0.1 here: no per-address cap (tests/test_lockout.py).
+    settings = Settings.of(
+        default_voice="default",
+        loudness=None,
+        clean_text=False,
+        max_connections_per_client=None,
+    )
     latencies: List[float] = []
     failures: List[str] = []
     async with serve_backend(backend, settings) as server:

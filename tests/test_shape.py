@@ -12,9 +12,12 @@ HEAVY = {"torch", "torchaudio", "chatterbox", "transformers"}
 # The modules that run the model's maths import torch at module level; they
 # are imported only once a model is loaded.
 TORCH_AT_IMPORT = {
+    "wyoming_chatterbox.chatterbox.cuda_graphs",
     "wyoming_chatterbox.chatterbox.s3stream",
+    "wyoming_chatterbox.chatterbox.self_check",
     "wyoming_chatterbox.chatterbox.t3_decoder",
     "wyoming_chatterbox.chatterbox.t3_sampler",
+    "wyoming_chatterbox.chatterbox.t3_slots",
     "wyoming_chatterbox.chatterbox.t3_step",
 }
 

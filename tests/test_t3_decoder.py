@@ -15,10 +15,13 @@ from typing import Any, Dict, Iterable, Iterator, List, Tuple
 import pytest
 import torch
 
+from tests.fake_cuda import FakeCuda
 from tests.test_model import checkpoint  # noqa: F401
+from wyoming_chatterbox.chatterbox import cuda_graphs, t3_step
 from wyoming_chatterbox.chatterbox.sampling import TURBO_ORDER, logits_processors
 from wyoming_chatterbox.chatterbox.t3_decoder import T3Decoder
 from wyoming_chatterbox.chatterbox.t3_sampler import draw, param_values, sampler_scores
+from wyoming_chatterbox.chatterbox.t3_slots import SlotPool
 from wyoming_chatterbox.chatterbox.t3_step import T3Step
 from wyoming_chatterbox.speech import Budget, SamplingParams, SynthesisCancelled
 
@@ -227,10 +230,11 @@ def test_draw_is_multinomial() -> None:
 
 def test_penalty_sees_start_token_first_then_generated(dec: Any) -> None:
     """The seen mask: the start token at step 0, the generated tokens after."""
+    owner = object()
     with torch.inference_mode():
-        row = dec._acquire()
+        dec._slots.acquire(owner)
         try:
-            pool = dec.pool
+            pool, row = dec._slots.locate(owner)
             pool.logits[row].zero_()
             pool.logits[row, 100] = 50.0
             pool.temperature[row] = 1.0
@@ -264,7 +268,8 @@ def test_penalty_sees_start_token_first_then_generated(dec: Any) -> None:
             assert pool.seen[row].nonzero()[:, 0].tolist() == [dec.start_token]
             assert int(pool.step[row]) == 0 and int(pool.token[row]) == 200
         finally:
-            dec._release(row)
+            pool.active[row] = False
+            dec._slots.release(owner)
 
 
 # ------------------------------------------------------- stop, min and max
@@ -371,15 +376,13 @@ def test_prompt_must_fit(model: Any, rand_t3: Any) -> None:
 
 def _counting(decoder: T3Decoder, monkeypatch: Any) -> List[int]:
     count = [0]
-    run_step = decoder.step.run
+    run_step = decoder._run
 
-    def counted(
-        pool: Any, rows: List[int], lengths: List[int], idx: Any = None
-    ) -> None:
+    def counted(pool: Any, lo: int, hi: int, length: int) -> None:
         count[0] += 1
-        run_step(pool, rows, lengths, idx)
+        run_step(pool, lo, hi, length)
 
-    monkeypatch.setattr(decoder.step, "run", counted)
+    monkeypatch.setattr(decoder, "_run", counted)
     return count
 
 
@@ -407,11 +410,11 @@ def test_cancellation(model: Any, dec: Any, monkeypatch: Any) -> None:
 def test_slots_are_reused_and_released(model: Any, rand_t3: Any) -> None:
     decoder = T3Decoder(rand_t3, "cpu", torch.float32)
     prefix = decoder.prefix(model.conds.t3)
-    decoder.warm_up()
-    assert decoder.free_slots == 1
+    decoder.prepare(graphs=False)  # on a CPU: nothing made ahead
+    assert decoder.free_slots == 0 and decoder.n_slots == 0
     first = decoder.generate(prefix, _text(model), GREEDY, Budget(max_tokens=100))
     second = decoder.generate(prefix, _text(model), GREEDY, Budget(max_tokens=100))
-    assert decoder.free_slots == 1  # nothing taken before the first block
+    assert decoder.n_slots == 0  # nothing taken before the first block
     next(first), next(second)
     assert decoder.free_slots == 0 and decoder.n_slots == 2
     first.close()
@@ -496,60 +499,57 @@ def test_bfloat16_agrees_with_float32_and_releases(
 # ------------------------------------------------------------------ CUDA
 
 
-class _ReplayedStep:
-    """A stand-in for a captured CUDA graph on the CPU: replay() runs the body
-    the graph would hold (a step over rows [0, n) with no host-known length)."""
-
-    def __init__(self, body: Any) -> None:
-        self.body, self.replays = body, 0
-
-    def replay(self) -> None:
-        self.replays += 1
-        self.body()
+@pytest.fixture
+def fake_cuda(monkeypatch: Any) -> FakeCuda:
+    """CUDA graphs on the CPU: the capture protocol runs for real, a captured
+    graph replays its body (the step over rows [0, n), no host-known length)."""
+    fake = FakeCuda()
+    monkeypatch.setattr(cuda_graphs, "CUDA", fake)
+    return fake
 
 
-def _fake_graphs(decoder: T3Decoder, monkeypatch: Any) -> None:
-    """Graphs on the CPU for `decoder`: its step's capture replaced by
-    _fake_capture, which needs the decoder to know the rows held."""
-
-    def capture(pool: Any, n: int, span: int) -> _ReplayedStep:
-        return _fake_capture(decoder, pool, n, span)
-
-    monkeypatch.setattr(decoder.step, "_capture", capture)
-    decoder.cuda_graphs = True
-
-
-def _fake_capture(decoder: T3Decoder, pool: Any, n: int, span: int) -> _ReplayedStep:
-    """What T3Step._capture does to the pool, on the CPU: warm-up steps with
-    no row active; and worse junk than that in every row no generation holds."""
-    step = decoder.step
-    body = step._graph_body(pool, n, span)
-    active = pool.active.clone()
-    pool.active.zero_()
-    for _ in range(2):
-        body()
-    pool.active.copy_(active)
-    generator = torch.Generator().manual_seed(7 + n + span)
-    held = set(range(decoder.n_slots)) - set(decoder._free)
-    for row in range(pool.capacity):
-        if row in held:
-            continue
-        cache = pool.cache[:, :, row]
-        cache.copy_(torch.randn(cache.shape, generator=generator))
-        pool.logits[row] = torch.randn(pool.logits[row].shape, generator=generator)
-        pool.out[row] = 3
-        pool.pos[row] = step.max_positions  # a finished row sits at the end
-    return _ReplayedStep(body)
+def _with_graphs(decoder: T3Decoder) -> None:
+    """prepare() with graphs, then junk in every row (none is held yet):
+    what the captures' warm-up runs leave, and worse."""
+    decoder.prepare(graphs=True)
+    pool = decoder.pool
+    assert pool is not None and decoder.cuda_graphs
+    generator = torch.Generator().manual_seed(7)
+    with torch.inference_mode():
+        pool.cache.copy_(torch.randn(pool.cache.shape, generator=generator))
+        pool.logits.copy_(torch.randn(pool.logits.shape, generator=generator))
+        pool.out.fill_(3)
+        pool.pos.fill_(decoder.max_positions)  # a finished row sits at the end
 
 
-def _record_logits(monkeypatch: Any) -> List[Tuple[List[int], torch.Tensor]]:
-    """Each sampling step's active rows and their logits."""
+def _replayed(decoder: T3Decoder, monkeypatch: Any) -> List[Tuple[int, int]]:
+    """The (rows, span) of every graph the decoder replays."""
+    graphs = decoder.graphs
+    assert graphs is not None
+    replay = graphs.replay
+    calls: List[Tuple[int, int]] = []
+
+    def recorded(n: int, span: int) -> bool:
+        calls.append((n, span))
+        return replay(n, span)
+
+    monkeypatch.setattr(graphs, "replay", recorded)
+    return calls
+
+
+def _record_logits(
+    monkeypatch: Any, key: Any = None
+) -> List[Tuple[List[int], torch.Tensor]]:
+    """Each sampling step's active rows (or key(row): who holds it, as rows
+    may move) and their logits."""
     sample = T3Step._sample
     record: List[Tuple[List[int], torch.Tensor]] = []
 
     def recording_sample(self: T3Step, pool: Any, idx: Any) -> None:
         active = pool.active[idx]
-        record.append((idx[active].tolist(), pool.logits[idx][active].clone()))
+        rows = idx[active].tolist()
+        keys = rows if key is None else [key(row) for row in rows]
+        record.append((keys, pool.logits[idx][active].clone()))
         sample(self, pool, idx)
 
     monkeypatch.setattr(T3Step, "_sample", recording_sample)
@@ -564,14 +564,32 @@ def _per_row(record: List[Tuple[List[int], torch.Tensor]]) -> Dict[int, torch.Te
     return {row: torch.stack(trace) for row, trace in rows.items()}
 
 
-def test_graph_body_and_capture_protocol_on_the_cpu(
-    model: Any, rand_t3: Any, monkeypatch: Any
+@pytest.mark.parametrize("n", [1, 2, 4, 16])
+def test_the_graph_body_has_no_host_sync_and_no_data_dependent_op(
+    rand_t3: Any, n: int, monkeypatch: Any
 ) -> None:
-    """What a CUDA graph replays, run on the CPU: the step with fixed shapes
+    """The step a CUDA graph holds, on the meta device (shapes, no data): a
+    host read (.item(), .tolist(), `if tensor`) or an op whose output shape
+    depends on the data (nonzero, a boolean mask) raises there, as it would
+    break a capture on a GPU."""
+    step = T3Step(rand_t3, "meta", torch.bfloat16)
+    pool = SlotPool(step, 16)
+    for span in (step.spans[0], step.spans[-1]):
+        step.graph_body(pool, n, span)()
+    # The check sees such an op: a sampler that picks its token by a mask.
+    monkeypatch.setattr(t3_step, "draw", lambda p: (p > 0).nonzero()[: p.size(0), 1])
+    with pytest.raises(NotImplementedError, match="nonzero"):
+        step.graph_body(pool, n, step.spans[0])()
+
+
+def test_graph_body_and_capture_protocol_on_the_cpu(
+    model: Any, rand_t3: Any, monkeypatch: Any, fake_cuda: FakeCuda
+) -> None:
+    """What the CUDA graphs replay, run on the CPU: the step with fixed shapes
     (attention over a span of the cache, masked by the position tensor), in a
-    pool left dirty the way capture leaves it. The same greedy tokens and
-    logits as the eager step with host-known lengths, also when a slot is
-    reused by the next generation and when the span grows past a bucket."""
+    pool left dirty. The same greedy tokens and logits as the eager step,
+    also when a slot is reused by the next generation and when the span grows
+    past a bucket."""
     # This tiny T3's tokens hardly depend on the context, so the logits of
     # every step are compared too: a mask that let a step see the junk past
     # its position would show there.
@@ -582,7 +600,8 @@ def test_graph_body_and_capture_protocol_on_the_cpu(
         record.clear()
         decoder = T3Decoder(rand_t3, "cpu", torch.float32)
         if graphs:
-            _fake_graphs(decoder, monkeypatch)
+            _with_graphs(decoder)
+            replayed = _replayed(decoder, monkeypatch)
         prefix = decoder.prefix(model.conds.t3)
         runs.append(
             [
@@ -602,12 +621,11 @@ def test_graph_body_and_capture_protocol_on_the_cpu(
         )
         if graphs:
             assert decoder.free_slots == 1  # one slot, reused: its state reset
-            graphs_used = decoder.pool.graphs
-            assert {key[0] for key in graphs_used} == {1}
-            assert len({key[1] for key in graphs_used}) == 2  # two spans
+            assert {n for n, _ in replayed} == {1}
+            assert len({span for _, span in replayed}) == 2  # two spans
             # Every token came from a replay (blocks of 8 may run past a stop).
-            replays = sum(graph.replays for graph in graphs_used.values())
-            assert replays >= sum(map(len, runs[-1])) > 0
+            assert len(fake_cuda.replays) == len(replayed)
+            assert len(replayed) >= sum(map(len, runs[-1])) > 0
         logits.append(torch.cat([row_logits for _, row_logits in record]))
         decoder.close()
     assert runs[0] == runs[1]
@@ -616,50 +634,85 @@ def test_graph_body_and_capture_protocol_on_the_cpu(
     torch.testing.assert_close(logits[1], logits[0], atol=1e-4, rtol=1e-4)
 
 
-def test_a_failed_capture_falls_back_to_the_eager_step(
-    model: Any, rand_t3: Any, monkeypatch: Any, caplog: Any
+def test_graphs_are_captured_at_once_on_the_decoders_own_gpu(
+    fake_cuda: FakeCuda,
 ) -> None:
-    """Graph capture has never run on every GPU, driver and PyTorch: if it
-    fails, the decoder says so once and speaks without graphs."""
-    attempts = []
+    """Every graph in one go: under a guard for the decoder's device (cuda:1,
+    not the current GPU 0), on one capture stream made on that device, into
+    one shared memory pool, one warm-up run each, and no synchronize per
+    capture. Replays run under the same guard; the thread's stream and
+    device are restored."""
+    device = torch.device("cuda", 1)
+    ran: List[Tuple[int, int, Any, Any]] = []
 
-    def failing_capture(self: T3Step, pool: Any, n: int, span: int) -> None:
-        attempts.append((n, span))
-        body = self._graph_body(pool, n, span)
-        active = pool.active.clone()
-        pool.active.zero_()
-        body()  # the warm-up ran, then the capture broke
-        pool.active.copy_(active)
-        raise RuntimeError("operation not permitted when stream is capturing")
+    def body_for(n: int, span: int) -> Any:
+        return lambda: ran.append((n, span, fake_cuda.current_device, fake_cuda.stream))
 
+    graphs = cuda_graphs.capture_steps(body_for, [1, 2, 4], [256, 512], device)
+    assert graphs.keys() == [(n, s) for n in (1, 2, 4) for s in (256, 512)]
+    begins = [e for e in fake_cuda.events if e[0] == "capture_begin"]
+    assert len(begins) == 6 and len(fake_cuda.pools) == 1
+    assert {(e[1], e[2]) for e in begins} == {(1, "s1")}
+    assert all(e[3]["pool"] is fake_cuda.pools[0] for e in begins)
+    assert fake_cuda.names().count("synchronize") == 2  # before and after all
+    assert len(ran) == 12  # a warm-up run and the captured one, each
+    assert {(device_, stream.name) for _, _, device_, stream in ran} == {(1, "s1")}
+    assert fake_cuda.current_device is None and fake_cuda.stream is None
+    ran.clear()
+    assert graphs.replay(2, 512) and not graphs.replay(8, 512)
+    assert ran == [(2, 512, 1, None)]
+    assert graphs.seconds >= 0 and graphs.memory == 6000
+
+
+def test_a_failed_capture_is_cleaned_up_and_the_eager_step_samples(
+    model: Any, rand_t3: Any, fake_cuda: FakeCuda
+) -> None:
+    """torch.cuda.graph's __exit__ raises inside capture_end when a capture
+    was invalidated, leaving the default generator in capture mode (then
+    every eager draw fails) and the allocator routing to the graph's pool.
+    Here the third capture_end raises: the stream and device are restored,
+    the routing to the shared pool is ended on the decoder's GPU, a capture
+    that completes takes the generator out of capture mode, eager draws are
+    tried, and the decoder samples eagerly: the tokens of one that never
+    tried graphs, from the same seed."""
     text = _text(model)
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0)
+
+    def sampled(decoder: T3Decoder) -> List[int]:
+        torch.manual_seed(5)
+        prefix = decoder.prefix(model.conds.t3)
+        return _tokens(decoder.generate(prefix, text, params, Budget(max_tokens=24)))
+
     plain = T3Decoder(rand_t3, "cpu", torch.float32)
-    expected = _tokens(
-        plain.generate(
-            plain.prefix(model.conds.t3),
-            text,
-            GREEDY,
-            Budget(min_tokens=30, max_tokens=40),
-        )
-    )
+    expected = sampled(plain)
     plain.close()
 
-    monkeypatch.setattr(T3Step, "_capture", failing_capture)
+    fake_cuda.fail_after = 2
     decoder = T3Decoder(rand_t3, "cpu", torch.float32, max_batch=2)
-    decoder.cuda_graphs = True
-    with caplog.at_level("WARNING", logger="wyoming_chatterbox.chatterbox.t3_decoder"):
-        decoder.warm_up()
-    assert "Could not capture" in caplog.text
-    assert decoder.cuda_graphs is False
-    prefix = decoder.prefix(model.conds.t3)
-    first = decoder.generate(prefix, text, GREEDY, Budget(min_tokens=30, max_tokens=40))
-    head = next(first)  # holds the warmed-up slot
-    second = _tokens(
-        decoder.generate(prefix, text, GREEDY, Budget(min_tokens=30, max_tokens=40))
-    )
-    assert head + _tokens(first) == expected == second
-    assert len(attempts) == 1  # tried once, not for each span or batch
+    with pytest.raises(cuda_graphs.CaptureFailed, match="during capture"):
+        decoder.prepare(graphs=True)
+    assert decoder.graphs is None
+    names = fake_cuda.names()
+    at = names.index("end_allocate_to_pool")
+    assert names[:at].count("capture_begin") == 3
+    assert fake_cuda.events[at][3] == {"index": 0, "pool": fake_cuda.pools[0]}
+    # The recovery's own capture, on the decoder's GPU and a stream of its own.
+    assert names[at + 1 :] == ["capture_begin", "capture_end", "random_draws"]
+    assert fake_cuda.events[at + 1][1] == 0 and fake_cuda.events[at + 1][2] != "s1"
+    assert not fake_cuda.generator_capturing
+    assert fake_cuda.current_device is None and fake_cuda.stream is None
+    assert sampled(decoder) == expected
+    assert len(set(expected)) > 3  # sampled, not a constant
     decoder.close()
+
+
+def test_recovery_that_leaves_draws_broken_says_so(fake_cuda: FakeCuda) -> None:
+    """If the generator stayed in capture mode after all, the capture
+    failure is an error: nothing could be spoken."""
+    fake_cuda.fail_next_end = 2  # the graph's capture_end, then the recovery's
+    body = lambda: None  # noqa: E731
+    with pytest.raises(RuntimeError, match="unable to draw random numbers"):
+        cuda_graphs.capture_steps(lambda n, s: body, [1], [256], torch.device("cpu"))
 
 
 # ------------------------------------------------------------- batching
@@ -698,13 +751,22 @@ def _interleaved(
 
 @pytest.mark.parametrize("graphs", [False, True])
 def test_batched_steps_give_each_generation_its_solo_tokens(
-    model: Any, rand_t3: Any, monkeypatch: Any, graphs: bool
+    model: Any, rand_t3: Any, monkeypatch: Any, graphs: bool, fake_cuda: FakeCuda
 ) -> None:
     """Generations that run together, one step serving several, get the same
-    tokens and logits as each alone: on the eager path (each row its own
-    attention length) and through the graph body (rows [0, n) side by side,
-    some not stepping), while the pool grows from one row to four."""
-    record = _record_logits(monkeypatch)
+    tokens and logits as each alone: on the eager path (rows side by side,
+    each masked to its own length; the pool grows from one row to four) and
+    through the graph body (rows [0, n), some not stepping, generations
+    moved to lower rows as others end)."""
+    held: Dict[int, int] = {}  # id(member) -> generation, once batched
+    batched: List[T3Decoder] = []
+
+    def holder(row: int) -> int:
+        if not batched:
+            return row
+        return held[id(batched[0]._slots._owner[row])]
+
+    record = _record_logits(monkeypatch, key=holder)
     solo = T3Decoder(rand_t3, "cpu", torch.float32)
     expected, expected_logits = [], []
     for prefix, text, low, high in _jobs(model, solo):
@@ -722,13 +784,16 @@ def test_batched_steps_give_each_generation_its_solo_tokens(
     record.clear()
     decoder = T3Decoder(rand_t3, "cpu", torch.float32, max_batch=4, lead_tokens=16)
     if graphs:
-        _fake_graphs(decoder, monkeypatch)
+        _with_graphs(decoder)
+        replayed = _replayed(decoder, monkeypatch)
     generations = [
         decoder.generate(prefix, text, GREEDY, Budget(min_tokens=low, max_tokens=high))
         for prefix, text, low, high in _jobs(model, decoder)
     ]
+    held.update({id(g._member): i for i, g in enumerate(generations)})
+    batched.append(decoder)
     first = next(generations[0])  # alone: rows 1 and 2 are made later
-    assert decoder.pool.capacity == 1
+    assert decoder.pool.capacity == (4 if graphs else 1)
     tokens, _ = _interleaved(generations, [1, 2, 0, 0, 2])
     tokens[0][:0] = first
     assert tokens == expected
@@ -737,12 +802,86 @@ def test_batched_steps_give_each_generation_its_solo_tokens(
     # ran its own (30 + 53 + 41 tokens in blocks of 8: 17).
     assert max(g.batched_steps / g.steps for g in generations) > 1.5
     traces = _per_row(record)
-    for row, want in enumerate(expected_logits):
-        got = traces[row][: len(want)]
+    for i, want in enumerate(expected_logits):
+        got = traces[i][: len(want)]
         torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     if graphs:
-        assert {key[0] for key in decoder.pool.graphs} >= {2, 4}
-    assert decoder.free_slots == 3
+        assert {n for n, _ in replayed} >= {1, 2, 4}
+    assert decoder.free_slots == (4 if graphs else 3)
+    decoder.close()
+
+
+def test_a_group_left_alone_runs_at_batch_1(
+    model: Any, rand_t3: Any, monkeypatch: Any, fake_cuda: FakeCuda
+) -> None:
+    """Three groups step together over rows [0, 4); once the first two have
+    ended, the third (in row 2) is moved to row 0 and its steps replay the
+    one-row graph, not the four-row one, with the tokens it gets alone."""
+    jobs = [(TEXT, 8), (OTHER_TEXT, 8), (TEXT, 40)]
+    solo = T3Decoder(rand_t3, "cpu", torch.float32)
+    alone = _tokens(
+        solo.generate(
+            solo.prefix(model.conds.t3),
+            _text(model, TEXT),
+            GREEDY,
+            Budget(min_tokens=40, max_tokens=40),
+        )
+    )
+    solo.close()
+    decoder = T3Decoder(rand_t3, "cpu", torch.float32, max_batch=4)
+    _with_graphs(decoder)
+    replayed = _replayed(decoder, monkeypatch)
+    prefix = decoder.prefix(model.conds.t3)
+    generations = [
+        decoder.generate(
+            prefix, _text(model, text), GREEDY, Budget(min_tokens=n, max_tokens=n)
+        )
+        for text, n in jobs
+    ]
+    for generation in generations:
+        generation.start()  # rows 0, 1 and 2
+    last = generations[2]
+    tokens = next(last)  # one block, all three in it: they end
+    assert [n for n, _ in replayed] == [4] * 8
+    assert all(g.steps == 8 for g in generations)
+    replayed.clear()
+    for generation in generations[:2]:
+        assert len(_tokens(generation)) == 8
+    tokens += _tokens(last)
+    assert tokens == alone
+    assert [n for n, _ in replayed] == [1] * 32
+    decoder.close()
+
+
+def test_more_groups_than_a_step_serves_wait_beside_it(
+    model: Any, rand_t3: Any, monkeypatch: Any, fake_cuda: FakeCuda
+) -> None:
+    """A step serves two rows (graphs captured for them); a third group is
+    held in a parking row and moved in for its own steps: each gets its solo
+    tokens, and the step pool (and its graphs) stay as captured."""
+    solo = T3Decoder(rand_t3, "cpu", torch.float32)
+    expected = [
+        _tokens(
+            solo.generate(prefix, text, GREEDY, Budget(min_tokens=low, max_tokens=high))
+        )
+        for prefix, text, low, high in _jobs(model, solo)
+    ]
+    solo.close()
+    decoder = T3Decoder(rand_t3, "cpu", torch.float32, max_batch=2, lead_tokens=16)
+    _with_graphs(decoder)
+    pool, graphs = decoder.pool, decoder.graphs
+    replayed = _replayed(decoder, monkeypatch)
+    generations = [
+        decoder.generate(prefix, text, GREEDY, Budget(min_tokens=low, max_tokens=high))
+        for prefix, text, low, high in _jobs(model, decoder)
+    ]
+    for generation in generations:
+        generation.start()
+    assert decoder.n_slots == 3 and decoder.pool is pool
+    tokens, _ = _interleaved(generations, [2, 0, 1, 2])
+    assert tokens == expected
+    assert decoder.pool is pool and decoder.graphs is graphs
+    assert {n for n, _ in replayed} <= {1, 2}
     decoder.close()
 
 
@@ -826,8 +965,9 @@ def test_cuda_graph_replay_matches_eager(model: Any, rand_t3: Any) -> None:
     text = _text(model).to("cuda")
     results = []
     for graphs in [False, True]:
-        decoder = T3Decoder(t3, "cuda", torch.float32, cuda_graphs=graphs)
-        decoder.warm_up()
+        decoder = T3Decoder(t3, "cuda", torch.float32)
+        decoder.prepare(graphs=graphs)
+        assert decoder.cuda_graphs == graphs
         prefix = decoder.prefix(cond)
         results.append(
             [
@@ -865,11 +1005,103 @@ def test_cuda_batched_graphs_match_solo_eager(model: Any, rand_t3: Any) -> None:
         ]
         return _interleaved(generations, [0, 1, 2])[0]
 
-    solo = T3Decoder(t3, "cuda", torch.float32, cuda_graphs=False)
+    solo = T3Decoder(t3, "cuda", torch.float32)
     expected = run(solo)
     solo.close()
-    decoder = T3Decoder(t3, "cuda", torch.float32, cuda_graphs=True, max_batch=4)
-    decoder.warm_up()
+    decoder = T3Decoder(t3, "cuda", torch.float32, max_batch=4)
+    decoder.prepare(graphs=True)
     assert run(decoder) == expected
-    assert decoder.cuda_graphs and {n for n, _ in decoder.pool.graphs} >= {4}
+    assert decoder.cuda_graphs and {n for n, _ in decoder.graphs.keys()} == {1, 2, 4}
     decoder.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_steps_never_synchronize(model: Any, rand_t3: Any, dtype: Any) -> None:
+    """The steps between two reads of the tokens, replayed or eager, under
+    torch.cuda.set_sync_debug_mode("error"): any host sync there raises."""
+    t3 = copy.deepcopy(rand_t3).to("cuda")
+    decoder = T3Decoder(t3, "cuda", dtype, max_batch=4)
+    decoder.prepare(graphs=True)
+    generation = decoder.generate(
+        decoder.prefix(copy.deepcopy(model.conds.t3).to(device="cuda")),
+        _text(model).to("cuda"),
+        SamplingParams(),
+        Budget(min_tokens=40, max_tokens=40),
+    )
+    generation.start()
+    pool = decoder.pool
+    assert pool is not None and decoder.graphs is not None
+    pool.active[0] = True
+    length = int(pool.pos[0]) + 1
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for n in range(8):
+            decoder._run(pool, 0, 1, length + n)
+            decoder.step.eager(pool, 0, 2, length + 8 + n)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    pool.active[0] = False
+    generation.close()
+    decoder.close()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_cuda_a_failed_capture_leaves_cuda_working(
+    model: Any, rand_t3: Any, monkeypatch: Any
+) -> None:
+    """A real invalidated capture (a host read inside it): after recovery the
+    thread is back on its own stream, nothing captures, eager draws and
+    S3Gen-style noise work, the decoder samples what a decoder that never
+    tried graphs samples, and a later capture succeeds."""
+    t3 = copy.deepcopy(rand_t3).to("cuda")
+    cond = copy.deepcopy(model.conds.t3).to(device="cuda")
+    text = _text(model).to("cuda")
+    params = SamplingParams(temperature=1.0, top_k=0, top_p=1.0)
+
+    def sampled(decoder: T3Decoder) -> List[int]:
+        torch.manual_seed(3)
+        prefix = decoder.prefix(cond)
+        return _tokens(decoder.generate(prefix, text, params, Budget(max_tokens=24)))
+
+    plain = T3Decoder(t3, "cuda", torch.float32)
+    expected = sampled(plain)
+    plain.close()
+    body = T3Step.graph_body
+
+    def syncing_body(self: T3Step, pool: Any, n: int, span: int) -> Any:
+        step = body(self, pool, n, span)
+        return lambda: (step(), int(pool.pos[0]))
+
+    monkeypatch.setattr(T3Step, "graph_body", syncing_body)
+    stream = torch.cuda.current_stream()
+    decoder = T3Decoder(t3, "cuda", torch.float32, max_batch=2)
+    with pytest.raises(cuda_graphs.CaptureFailed):
+        decoder.prepare(graphs=True)
+    assert torch.cuda.current_stream() == stream
+    assert not torch.cuda.is_current_stream_capturing()
+    torch.randn(16, device="cuda").exponential_()
+    assert sampled(decoder) == expected
+    decoder.close()
+    monkeypatch.setattr(T3Step, "graph_body", body)
+    again = T3Decoder(t3, "cuda", torch.float32)
+    again.prepare(graphs=True)
+    assert again.cuda_graphs and sampled(again) == expected
+    again.close()
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_cuda_graphs_on_the_second_gpu_match_eager(model: Any, rand_t3: Any) -> None:
+    t3 = copy.deepcopy(rand_t3).to("cuda:1")
+    cond = copy.deepcopy(model.conds.t3).to(device="cuda:1")
+    text = _text(model).to("cuda:1")
+    results = []
+    for graphs in [False, True]:
+        decoder = T3Decoder(t3, "cuda:1", torch.float32)
+        decoder.prepare(graphs=graphs)
+        prefix = decoder.prefix(cond)
+        budget = Budget(min_tokens=30, max_tokens=60)
+        results.append(_tokens(decoder.generate(prefix, text, GREEDY, budget)))
+        decoder.close()
+    assert results[0] == results[1] and len(set(results[0])) > 1

@@ -25,11 +25,13 @@ from .settings import (
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_LOUDNESS_LUFS,
     DEFAULT_MAX_CONNECTIONS,
+    DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
     DEFAULT_MAX_PIECE_TOKENS,
     DEFAULT_MAX_TEXT_CHARS,
     DEFAULT_METRICS_HOST,
     DEFAULT_MODEL,
     DEFAULT_SAMPLES_PER_CHUNK,
+    DEFAULT_STREAM_TIMEOUT,
     DEFAULT_T3_BATCH,
     DEFAULT_URI,
     LOG_FORMAT,
@@ -279,8 +281,17 @@ def build_parser() -> argparse.ArgumentParser:
         type=_positive_int,
         default=DEFAULT_MAX_CONNECTIONS,
         metavar="N",
-        help="connections served at once; more get a too-many-connections error "
+        help="connections served at once; a new one beyond evicts the longest-idle "
+        "connection not receiving audio, or gets a too-many-connections error "
         f"(default: {DEFAULT_MAX_CONNECTIONS})",
+    )
+    parser.add_argument(
+        "--max-connections-per-client",
+        type=_positive_int,
+        default=DEFAULT_MAX_CONNECTIONS_PER_CLIENT,
+        metavar="N",
+        help="connections one client address may hold, the same way "
+        f"(default: {DEFAULT_MAX_CONNECTIONS_PER_CLIENT})",
     )
     parser.add_argument(
         "--max-text-chars",
@@ -297,6 +308,14 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="close a connection that sends nothing with no reply in progress, or "
         f"reads none of its audio, for this long (default: {DEFAULT_IDLE_TIMEOUT:g})",
+    )
+    parser.add_argument(
+        "--stream-timeout",
+        type=_positive_float,
+        default=DEFAULT_STREAM_TIMEOUT,
+        metavar="SECONDS",
+        help="end a stream that sends no event for this long: speak what came, "
+        f"then close (default: {DEFAULT_STREAM_TIMEOUT:g})",
     )
     add_http_arguments(parser)
     add_speed_arguments(parser)
@@ -394,7 +413,8 @@ def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
         "--t3-dtype",
         choices=T3_DTYPES,
         default="auto",
-        help="T3 precision (default: bfloat16 on CUDA, float32 on the CPU)",
+        help="T3 precision (default: bfloat16 on GPUs of compute capability 8.0 "
+        "and up, float16 on 7.x, float32 on older GPUs and the CPU)",
     )
     streaming = group.add_mutually_exclusive_group()
     streaming.add_argument(
@@ -476,7 +496,9 @@ def settings_from(args: argparse.Namespace) -> Settings:
         uri=args.uri,
         samples_per_chunk=args.samples_per_chunk,
         idle_timeout=args.idle_timeout,
+        stream_timeout=args.stream_timeout,
         max_connections=args.max_connections,
+        max_connections_per_client=args.max_connections_per_client,
         zeroconf=args.zeroconf,
         zeroconf_host=args.zeroconf_host,
         metrics_port=args.metrics_port,

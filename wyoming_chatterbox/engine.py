@@ -23,6 +23,7 @@ from typing import Callable, Deque, Dict, List, Optional, Tuple
 import numpy as np
 
 from .loudness import LoudnessNormalizer
+from .memory import give_back, resident_bytes
 from .settings import EngineSettings
 from .speech import (
     Budget,
@@ -466,10 +467,13 @@ class EngineWorker:
     def _unload(self, reason: str) -> None:
         _LOGGER.info("%s", reason)
         self.model_loaded = False
+        before = resident_bytes()
         try:
             self.backend.close()
         except Exception:  # pylint: disable=broad-except
             _LOGGER.exception("Unloading the model failed")
+        # The allocator keeps what the model freed unless told to give it back.
+        _LOGGER.info("Model unloaded: %s", give_back(before))
 
     def _reload(self, reason: str) -> Optional[Exception]:
         """Load the model again; the error if that failed (a request that

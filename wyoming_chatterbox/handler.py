@@ -4,14 +4,21 @@ Describe is answered at once. A reply (a one-shot `synthesize`, or a
 `synthesize-start` ... `synthesize-stop` stream) is a `Reply` (reply.py) whose
 audio is sent by a task of its own, so that events keep being read while it is
 spoken: a stream's chunks arrive while earlier groups are spoken, and a client
-that leaves is noticed at once and its work cancelled. This module is the
-protocol only: text handling and scheduling live in reply.py and engine.py.
+that leaves is noticed at once and its work cancelled. A handler also tells the
+listener's admission policy (admission.py) how idle it is, and can be evicted.
+This module is the protocol only: text handling and scheduling live in reply.py
+and engine.py.
+
+Long (~490 lines): the protocol's branches and the one loop that keeps a
+connection's clocks (idle, stream timeout, eviction); split, a connection's
+life would be spread over two modules.
 """
 
 import asyncio
 import contextlib
 import logging
-from typing import Dict, List, Optional, Set
+import time
+from typing import Callable, Dict, List, Optional, Set
 
 from wyoming.audio import AudioChunk, AudioStart, AudioStop
 from wyoming.error import Error
@@ -28,6 +35,7 @@ from wyoming.tts import (
 )
 
 from . import __version__
+from .admission import client_key
 from .audio import CHANNELS, SAMPLE_WIDTH, iter_chunks
 from .reply import Replies, Reply, TextTooLong
 from .settings import ServerSettings
@@ -37,6 +45,7 @@ from .wire import (
     MAX_REPLIES_PER_CONNECTION,
     IdleTimeout,
     ProtocolViolation,
+    StreamTimeout,
     data_cap,
     deadline,
     linger,
@@ -48,6 +57,13 @@ _LOGGER = logging.getLogger(__name__)
 # A piece's audio-chunk events are written in runs of this many (0.7 s of
 # audio), with the event loop free between runs and after the first chunk.
 YIELD_EVERY_CHUNKS = 16
+
+# A connection whose audio waits this long for the client to read any of it is
+# not producing audio, for the admission policy: its client has stopped
+# reading (or vanished), and it may be evicted when the server is full. Home
+# Assistant reads audio as it comes; a client playing in real time leaves a
+# write blocked for well under a second at a time.
+STALLED_WRITE_S = 5.0
 
 ATTRIBUTION = Attribution(
     name="Resemble AI", url="https://github.com/resemble-ai/chatterbox"
@@ -82,12 +98,29 @@ def build_info(
     )
 
 
+class Evicted(Exception):
+    """Closed to make room for another connection (admission.py says which)."""
+
+    code = "evicted"
+
+
 class Connections:
-    """The server's open connections, so that a shutdown can end them well."""
+    """The server's open connections, so that a shutdown can end them well and
+    the listener can see who holds them."""
 
     def __init__(self) -> None:
         self.handlers: "Set[ChatterboxEventHandler]" = set()
         self.draining = False
+        # Called with "stream-timeout" when a stream is ended for its silence.
+        self.observers: List[Callable[[str], None]] = []
+
+    def open(self) -> "List[ChatterboxEventHandler]":
+        """The connections open now (not those closing)."""
+        return list(self.handlers)
+
+    def note(self, what: str) -> None:
+        for observer in self.observers:
+            observer(what)
 
     async def drain(self, grace: float) -> None:
         """Let replies in progress finish for up to `grace` seconds, cut the rest
@@ -117,6 +150,39 @@ class ChatterboxEventHandler(AsyncEventHandler):
         self._stream: Optional[Reply] = None  # an open synthesize-start
         # Replies whose audio task has not ended, in order (spoken one by one).
         self._tasks: "Dict[Reply, asyncio.Task[None]]" = {}
+        self._peer = writer.get_extra_info("peername")
+        self._client = client_key(self._peer)
+        self._idle_since = time.monotonic()  # last event in or out
+        self._writes = 0  # writes waiting for the socket
+        self._write_waits_since = 0.0
+        self._evicted: "asyncio.Future[BaseException]" = (
+            asyncio.get_running_loop().create_future()
+        )
+
+    # --- what the admission policy sees (admission.Connection) ---
+
+    @property
+    def client(self) -> Optional[str]:
+        return self._client
+
+    @property
+    def idle_since(self) -> float:
+        return self._idle_since
+
+    @property
+    def producing_audio(self) -> bool:
+        stalled = (
+            self._writes > 0
+            and time.monotonic() - self._write_waits_since >= STALLED_WRITE_S
+        )
+        return not stalled and any(reply.speaking for reply in self._tasks)
+
+    def evict(self, text: str) -> None:
+        """Close this connection to make room for another: its work is
+        cancelled, and it gets an `evicted` error saying why."""
+        self._connections.handlers.discard(self)
+        if not self._evicted.done():
+            self._evicted.set_result(Evicted(text))
 
     # --- the connection ---
 
@@ -127,10 +193,16 @@ class ChatterboxEventHandler(AsyncEventHandler):
         reply's text over the limit, is answered with an error event naming the
         problem, its pending work is cancelled and the connection closed. A
         socket silent for `idle_timeout` with no reply in progress is closed,
-        and one that reads none of its audio for as long is dropped.
+        and one that reads none of its audio for as long is dropped. A stream
+        with no event for `stream_timeout` is ended (_end_stream). An evicted
+        connection gets an error saying why, and is closed.
         """
         self._is_running = True
         idle = self._idle_timeout()
+        stream_timeout = None
+        if self.writer.get_extra_info("socket") is not None:
+            # Not stdio://: one parent process, as slow as it likes.
+            stream_timeout = self._settings.stream_timeout
         caps = {"max_data": data_cap(self._replies.settings.max_text_chars)}
         close_on_client = False  # the server ends it: let the last events arrive
 
@@ -140,14 +212,27 @@ class ChatterboxEventHandler(AsyncEventHandler):
         try:
             while self._is_running:
                 try:
-                    event = await next_event(self.reader, idle, busy, **caps)
+                    event = await next_event(
+                        self.reader,
+                        idle,
+                        busy,
+                        stream_timeout=stream_timeout,
+                        streaming=lambda: self._stream is not None,
+                        interrupt=self._evicted,
+                        **caps,
+                    )
                     if event is None:
                         break
+                    self._idle_since = time.monotonic()
                     self._check_queue(event)
                     if not await self.handle_event(event):
                         close_on_client = True
                         break
-                except (ProtocolViolation, IdleTimeout, TextTooLong) as err:
+                except StreamTimeout as err:
+                    await self._end_stream(err)
+                    close_on_client = True
+                    break
+                except (ProtocolViolation, IdleTimeout, TextTooLong, Evicted) as err:
                     await self._refuse(err)
                     close_on_client = True
                     break
@@ -167,6 +252,9 @@ class ChatterboxEventHandler(AsyncEventHandler):
         """A socket client that reads nothing for `idle_timeout` while audio waits
         for it is gone: ConnectionResetError, and the connection is dropped."""
         timeout = self._idle_timeout()
+        if self._writes == 0:
+            self._write_waits_since = time.monotonic()
+        self._writes += 1
         try:
             # Inline, not wait_for: a task per write could reorder the events.
             async with deadline(timeout):
@@ -176,6 +264,9 @@ class ChatterboxEventHandler(AsyncEventHandler):
             raise ConnectionResetError(
                 f"the client read nothing for {timeout} seconds"
             ) from None
+        finally:
+            self._writes -= 1
+        self._idle_since = self._write_waits_since = time.monotonic()
 
     def _idle_timeout(self) -> Optional[float]:
         if self.writer.get_extra_info("socket") is None:
@@ -197,10 +288,12 @@ class ChatterboxEventHandler(AsyncEventHandler):
 
     async def _refuse(self, err: Exception) -> None:
         """Cancel this connection's work, then say why it is being closed."""
-        peer = self.writer.get_extra_info("peername")
+        peer = self._peer
         if isinstance(err, IdleTimeout):
             _LOGGER.debug("Closing idle connection %s", peer)
             code = "idle-timeout"
+        elif isinstance(err, Evicted):
+            code = err.code  # logged by the admission policy, at most once a minute
         else:
             _LOGGER.warning("Refused a request from %s: %s", peer, err)
             code = getattr(err, "code", "bad-request")
@@ -212,6 +305,24 @@ class ChatterboxEventHandler(AsyncEventHandler):
             # A client that does not read cannot hold the connection open.
             async with deadline(LINGER_SECONDS):
                 await self.write_event(error)
+
+    async def _end_stream(self, err: StreamTimeout) -> None:
+        """A stream that went silent: speak what came, answer it with
+        synthesize-stopped (the reply's audio task does), then close."""
+        assert self._stream is not None
+        stream, self._stream = self._stream, None
+        _LOGGER.warning(
+            "No event for %g s in a stream from %s: speaking the %d characters it "
+            "sent, then closing the connection (--stream-timeout)",
+            err.seconds,
+            self._peer,
+            stream.chars,
+        )
+        self._connections.note("stream-timeout")
+        stream.finish()
+        tasks = list(self._tasks.values())
+        if tasks:
+            await asyncio.wait(tasks)
 
     async def drain(self, grace: float) -> None:
         """Part of a shutdown: see Connections.drain."""

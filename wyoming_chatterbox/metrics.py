@@ -33,6 +33,7 @@ from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from . import __version__
+from .speech import FastPathState
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -116,6 +117,66 @@ class _GpuMemoryCollector(Collector):
             "Bytes allocated on the GPU by the model, read at scrape time; "
             "absent without a GPU.",
         )
+
+
+class _FastPathCollector(Collector):
+    """The model's speed-ups after its start-up self-check, read at scrape
+    time (speech.FastPathState); absent while the model is not loaded."""
+
+    def __init__(self) -> None:
+        self.callback: Optional[Callable[[], Optional[FastPathState]]] = None
+
+    def describe(self) -> Iterable[Metric]:
+        return self._families()
+
+    def collect(self) -> Iterable[Metric]:
+        callback = self.callback
+        try:
+            state = callback() if callback is not None else None
+        except Exception:  # pylint: disable=broad-except
+            _LOGGER.debug("Fast path callback failed", exc_info=True)
+            return []
+        if state is None:
+            return []
+        parts, capture, memory = self._families()
+        for part, on in sorted(
+            {**state.parts, "self_check_passed": state.self_check == "passed"}.items()
+        ):
+            parts.add_metric([part, state.t3_dtype], 1.0 if on else 0.0)
+        found: List[Metric] = [parts]
+        if state.capture_s is not None:
+            capture.add_metric([], state.capture_s)
+            found.append(capture)
+        for kind, value in (
+            ("graphs", state.graph_bytes),
+            ("kv_cache", state.cache_bytes),
+        ):
+            if value is not None:
+                memory.add_metric([kind], float(value))
+        if memory.samples:
+            found.append(memory)
+        return found
+
+    @staticmethod
+    def _families() -> List[GaugeMetricFamily]:
+        return [
+            GaugeMetricFamily(
+                f"{PREFIX}_fast_path",
+                "1 if a part of the fast path is in use after the start-up "
+                "self-check (part self_check_passed: 1 if it ran and turned "
+                "nothing off), else 0; t3_dtype is T3's precision.",
+                labels=["part", "t3_dtype"],
+            ),
+            GaugeMetricFamily(
+                f"{PREFIX}_cuda_graphs_capture_seconds",
+                "Time taken to capture T3's CUDA graphs at load.",
+            ),
+            GaugeMetricFamily(
+                f"{PREFIX}_fast_path_memory_bytes",
+                "GPU memory the fast path took at load: CUDA graphs, KV cache rows.",
+                labels=["kind"],
+            ),
+        ]
 
 
 class _ScrapeHooks(Collector):
@@ -211,8 +272,34 @@ class Metrics:
             "1 once the model is loaded and ready, else 0.",
             registry=self.registry,
         )
+        self._refused = Counter(
+            f"{PREFIX}_connections_refused",
+            "Connections turned away, by the cap that was reached (server-full, "
+            "client-limit) with no idle connection to evict.",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._evicted = Counter(
+            f"{PREFIX}_connections_evicted",
+            "Idle connections closed to make room for a new one, by the cap "
+            "that was reached (server-full, client-limit).",
+            ["reason"],
+            registry=self.registry,
+        )
+        self._stream_timeouts = Counter(
+            f"{PREFIX}_stream_timeouts",
+            "Streams ended because no event came for --stream-timeout.",
+            registry=self.registry,
+        )
+        self._connections = Gauge(
+            f"{PREFIX}_connections",
+            "Connections open (sockets only).",
+            registry=self.registry,
+        )
         self._gpu = _GpuMemoryCollector()
         self.registry.register(self._gpu)
+        self._fast_path = _FastPathCollector()
+        self.registry.register(self._fast_path)
 
     def _set_info(self) -> None:
         self._info.info({"version": __version__, "model": self._model})
@@ -272,6 +359,18 @@ class Metrics:
     def set_model_loaded(self, loaded: bool) -> None:
         self._model_loaded.set(1 if loaded else 0)
 
+    def connection_refused(self, reason: str) -> None:
+        self._refused.labels(reason=reason).inc()
+
+    def connection_evicted(self, reason: str) -> None:
+        self._evicted.labels(reason=reason).inc()
+
+    def stream_timed_out(self) -> None:
+        self._stream_timeouts.inc()
+
+    def set_open_connections(self, n: int) -> None:
+        self._connections.set(n)
+
     def set_gpu_memory_callback(self, fn: Callable[[], Optional[float]]) -> None:
         """fn() is called on every scrape, from the HTTP server's thread.
 
@@ -279,6 +378,11 @@ class Metrics:
         An exception in fn() also leaves the metric out of that scrape.
         """
         self._gpu.callback = fn
+
+    def set_fast_path_callback(self, fn: Callable[[], Optional[FastPathState]]) -> None:
+        """fn() is called on every scrape (the HTTP server's thread) and
+        returns the model's fast path state, or None (then it is absent)."""
+        self._fast_path.callback = fn
 
     def add_scrape_hook(self, fn: Callable[[], None]) -> None:
         """fn() runs at the start of every scrape, on the scraping thread.

@@ -366,6 +366,19 @@ class Reply:
         first = self._first.result() if self._first.done() else None
         return self.stream.groups_made + (first.groups_made if first else 0)
 
+    @property
+    def speaking(self) -> bool:
+        """Whether some of the text it was given is still to be heard: being
+        made, or its audio not yet all read. A stream waiting for more text (an
+        LLM still writing, or a client gone silent) is not speaking."""
+        if self._ended or self.cancelled:
+            return False
+        heard = self.stream.groups_heard
+        if self._first.done():
+            first = self._first.result()
+            heard += first.groups_heard if first is not None else 0
+        return self._guess is not None or self.groups > heard
+
     def cancel(self) -> None:
         """Abandon the reply: no more audio, the engine stops its work."""
         self._stop_watching()

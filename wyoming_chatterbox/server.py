@@ -1,9 +1,10 @@
 """The running server: load the model, listen, announce, stop well.
 
-Owns the listeners (tcp://, unix://, stdio://), the connection cap, the start-up
-order (metrics port, model load, listen, zeroconf), shutdown on SIGTERM/SIGINT
-and the metrics wiring. It knows nothing of a reply's content (reply.py) or of
-the model (chatterbox/, made through chatterbox.make_backend).
+Owns the listeners (tcp://, unix://, stdio://), acting on the admission policy
+(admission.py: caps, evictions), the start-up order (metrics port, model load,
+listen, zeroconf), shutdown on SIGTERM/SIGINT and the metrics wiring. It knows
+nothing of a reply's content (reply.py) or of the model (chatterbox/, made
+through chatterbox.make_backend).
 """
 
 import asyncio
@@ -21,6 +22,7 @@ from wyoming.error import Error
 from wyoming.event import async_get_stdin, async_write_event
 from wyoming.server import AsyncServer, HandlerFactory
 
+from .admission import Admission, client_key
 from .discovery import ZeroconfAdvertiser, advertised_address, default_service_name
 from .engine import EngineWorker
 from .handler import ChatterboxEventHandler, Connections
@@ -66,13 +68,20 @@ class Listener:
 
     Unlike wyoming's AsyncServer (whose SIGTERM handling closes every connection
     at once, mid-reply), stopping is in steps: stop accepting, let the handlers
-    end their replies, then close.
+    end their replies, then close. A new connection is let in, let in after
+    another is evicted, or turned away, as `admission` decides.
     """
 
-    def __init__(self, uri: str, max_connections: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        uri: str,
+        admission: Optional[Admission] = None,
+        connections: Optional[Connections] = None,
+    ) -> None:
         parsed = urlparse(uri)
         self.uri = uri
-        self.max_connections = max_connections
+        self.admission = admission or Admission(None, None)
+        self.connections = connections or Connections()
         self._unix_path: Optional[Path] = None
         if parsed.scheme == "tcp":
             if parsed.hostname is None or parsed.port is None:
@@ -91,12 +100,13 @@ class Listener:
         async def on_connect(
             reader: asyncio.StreamReader, writer: asyncio.StreamWriter
         ) -> None:
-            if (
-                self.max_connections is not None
-                and len(self._tasks) >= self.max_connections
-            ):
-                await _turn_away(writer, self.max_connections)
+            client = client_key(writer.get_extra_info("peername"))
+            decision = self.admission.decide(client, self.connections.open())
+            if decision.refused:
+                await _turn_away(writer, decision.text)
                 return
+            if decision.evict is not None:
+                decision.evict.evict(decision.text)
             handler = handler_factory(reader, writer)
             task = asyncio.create_task(handler.run(), name="wyoming connection")
             self._tasks.add(task)
@@ -127,17 +137,10 @@ class Listener:
             await asyncio.wait(list(self._tasks), timeout=2.0)
 
 
-async def _turn_away(writer: asyncio.StreamWriter, limit: int) -> None:
-    """One connection too many: say so, and close it."""
-    _LOGGER.warning(
-        "Refused a connection from %s: %s connections already open",
-        writer.get_extra_info("peername"),
-        limit,
-    )
-    error = Error(
-        text=f"The server is busy: {limit} connections are open (--max-connections)",
-        code="too-many-connections",
-    )
+async def _turn_away(writer: asyncio.StreamWriter, text: str) -> None:
+    """One connection too many: say so, and close it (the admission policy
+    has logged it)."""
+    error = Error(text=text, code="too-many-connections")
     with contextlib.suppress(Exception):
         await asyncio.wait_for(async_write_event(error.event(), writer), 1.0)
     writer.close()
@@ -197,6 +200,7 @@ async def run_server(
     engine = EngineWorker(backend, settings.engine)
     replies = Replies(engine, settings.reply)
     connections = Connections()
+    admission = Admission(server.max_connections, server.max_connections_per_client)
     factory = partial(
         ChatterboxEventHandler,
         replies=replies,
@@ -210,7 +214,9 @@ async def run_server(
     try:
         # Before the slow load: a taken port fails at once, and a scrape shows
         # the model loading.
-        metrics_server = await _serve_metrics(metrics, replies, server)
+        metrics_server = await _serve_metrics(
+            metrics, replies, server, connections, admission
+        )
         # Also before the load: a taken port or a bad certificate fails at
         # once, and /health says 503 while the model loads.
         http = await _serve_http(replies, settings)
@@ -224,7 +230,7 @@ async def run_server(
             await StdioServer().run(factory)
             return
 
-        listener = Listener(server.uri, server.max_connections)
+        listener = Listener(server.uri, admission, connections)
         await listener.start(factory)
         _LOGGER.info("Ready on %s with voices: %s", server.uri, ", ".join(voices))
         if advertiser is not None:
@@ -252,7 +258,11 @@ async def run_server(
 
 
 async def _serve_metrics(
-    metrics: Optional[Metrics], replies: Replies, server: ServerSettings
+    metrics: Optional[Metrics],
+    replies: Replies,
+    server: ServerSettings,
+    connections: Connections,
+    admission: Admission,
 ) -> Optional[MetricsServer]:
     """Feed `metrics` (made if --metrics-port asks for them) and serve them."""
     if metrics is None and server.metrics_port is not None:
@@ -260,6 +270,7 @@ async def _serve_metrics(
     if metrics is None:
         return None
     _watch(metrics, replies)
+    _watch_connections(metrics, connections, admission)
     if server.metrics_port is None:
         return None
     metrics_server = await start_metrics_server(
@@ -357,6 +368,32 @@ def _watch(metrics: Metrics, replies: Replies) -> None:
     gpu_memory = getattr(engine.backend, "gpu_memory", None)
     if gpu_memory is not None:
         metrics.set_gpu_memory_callback(gpu_memory)
+    fast_path = getattr(engine.backend, "fast_path", None)
+    if fast_path is not None:
+        metrics.set_fast_path_callback(fast_path)
+
+
+def _watch_connections(
+    metrics: Metrics, connections: Connections, admission: Admission
+) -> None:
+    """Count refusals, evictions and stream timeouts; open connections at
+    scrape time."""
+
+    def on_admission(what: str, reason: str) -> None:
+        if what == "evicted":
+            metrics.connection_evicted(reason)
+        else:
+            metrics.connection_refused(reason)
+
+    def on_connection(what: str) -> None:
+        if what == "stream-timeout":
+            metrics.stream_timed_out()
+
+    admission.observers.append(on_admission)
+    connections.observers.append(on_connection)
+    metrics.add_scrape_hook(
+        lambda: metrics.set_open_connections(len(connections.open()))
+    )
 
 
 def run(settings: Settings) -> int:

@@ -23,6 +23,10 @@ DEFAULT_LOUDNESS_LUFS = -16.0
 DEFAULT_SAMPLES_PER_CHUNK = 1024
 # Home Assistant opens one connection per request; satellites add a few each.
 DEFAULT_MAX_CONNECTIONS = 64
+# Connections one client address may hold (an IPv6 client: its /64). Home
+# Assistant needs one per reply in progress plus its Describe: a home has a
+# few at once. Well below the total, so no single device can take every slot.
+DEFAULT_MAX_CONNECTIONS_PER_CLIENT = 8
 # Speech runs at about 15 characters a second (150 words a minute), so 20,000
 # characters are some 20 minutes of audio, and as long for the one model worker.
 # Home Assistant's notifications and announcements are a sentence or two, and an
@@ -34,6 +38,11 @@ DEFAULT_MAX_TEXT_CHARS = 20_000
 # Assistant opens a connection per request, sends it at once and reads the audio
 # as it comes; what stays silent or stalled this long is a dead peer or a probe.
 DEFAULT_IDLE_TIMEOUT = 60.0
+# Seconds a started stream may go without an event before it is ended (what
+# came is spoken, synthesize-stopped sent, the connection closed): an LLM that
+# pauses for a tool call or a slow search resumes well within two minutes; a
+# client that crashed mid-reply never does, and would hold its slot for ever.
+DEFAULT_STREAM_TIMEOUT = 120.0
 DEFAULT_SHUTDOWN_GRACE = 5.0
 DEFAULT_METRICS_HOST = "0.0.0.0"
 # The web page and HTTP API (--http-port): this machine only unless opened.
@@ -68,8 +77,9 @@ class FastPath:
     static_cache: bool = True
     # Replay each decode step as one CUDA graph (CUDA only; needs static_cache).
     cuda_graphs: bool = True
-    # T3's precision: auto is bfloat16 on CUDA, float32 on the CPU. S3Gen stays
-    # in float32.
+    # T3's precision: auto is bfloat16 on a GPU that runs it fast, float16 on
+    # Volta and Turing, float32 on older GPUs and the CPU (resolved_dtype).
+    # S3Gen stays in float32.
     t3_dtype: str = "auto"
     # Hand speech tokens to S3Gen in pieces within a sentence group, so the
     # first audio comes after `first_piece_tokens` tokens, not the whole group.
@@ -96,10 +106,20 @@ class FastPath:
         if not 1 <= self.t3_batch <= 64:
             raise ValueError("--t3-batch must be 1 to 64")
 
-    def resolved_dtype(self, device: str) -> str:
+    def resolved_dtype(
+        self, device: str, capability: Optional[Tuple[int, int]] = None
+    ) -> str:
+        """T3's precision on `device`, a GPU of compute `capability`: bfloat16
+        from 8.0 (Ampere and later have bfloat16 tensor cores), float16 on
+        7.x (Volta, Turing: tensor cores for float16 only), float32 below
+        (Pascal's float16 is slow) and on the CPU."""
         if self.t3_dtype != "auto":
             return self.t3_dtype
-        return "bfloat16" if device.startswith("cuda") else "float32"
+        if not device.startswith("cuda"):
+            return "float32"
+        if capability is None or capability >= (8, 0):
+            return "bfloat16"
+        return "float16" if capability >= (7, 0) else "float32"
 
     def streams_in_group(self, device: str) -> bool:
         if self.stream_in_group is None:
@@ -114,12 +134,16 @@ class FastPath:
     def uses_graphs(self, device: str) -> bool:
         return self.static_cache and self.cuda_graphs and device.startswith("cuda")
 
-    def describe(self, device: str) -> str:
-        """One line for the startup log."""
+    def describe(
+        self, device: str, capability: Optional[Tuple[int, int]] = None
+    ) -> str:
+        """The switches in words (before the start-up self-check, which may
+        turn parts off: see the backend's own line)."""
+        dtype = self.resolved_dtype(device, capability)
         parts = [
             ("static KV cache" if self.static_cache else "library decode loop"),
             # The library's loop runs T3 as loaded: float32.
-            f"T3 in {self.resolved_dtype(device) if self.static_cache else 'float32'}",
+            f"T3 in {dtype if self.static_cache else 'float32'}",
         ]
         if self.uses_graphs(device):
             parts.append("CUDA graphs")
@@ -191,7 +215,13 @@ class ServerSettings:
     # Sockets only (not stdio://): close a connection silent this long with no
     # reply in progress, or that reads none of its audio this long; None: never.
     idle_timeout: Optional[float] = DEFAULT_IDLE_TIMEOUT
-    max_connections: Optional[int] = DEFAULT_MAX_CONNECTIONS  # more: turned away
+    # Sockets only: end a stream (synthesize-start) with no event for this long.
+    stream_timeout: Optional[float] = DEFAULT_STREAM_TIMEOUT
+    # Beyond it a newcomer evicts the longest-idle connection that is not
+    # receiving audio, or is turned away if every one is.
+    max_connections: Optional[int] = DEFAULT_MAX_CONNECTIONS
+    # The same per client address (evicting that client's own idlest first).
+    max_connections_per_client: Optional[int] = DEFAULT_MAX_CONNECTIONS_PER_CLIENT
     shutdown_grace: float = DEFAULT_SHUTDOWN_GRACE  # seconds replies get on SIGTERM
     zeroconf: Optional[str] = None  # service name to announce ("": default); None: off
     zeroconf_host: Optional[str] = None  # address to announce instead of the detected

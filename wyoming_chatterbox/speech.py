@@ -113,6 +113,19 @@ class GroupStats:
 
 
 @dataclass(frozen=True)
+class FastPathState:
+    """Which speed-ups a model runs with once its start-up self-check is done
+    (for the metrics; the log has the same in words)."""
+
+    parts: Mapping[str, bool]  # e.g. static_cache, cuda_graphs, stream_in_group
+    t3_dtype: str
+    self_check: str = "not run"  # "passed", "failed" (a part turned off) or "not run"
+    capture_s: Optional[float] = None  # CUDA graph capture, all graphs
+    graph_bytes: Optional[int] = None  # device memory the graphs reserved
+    cache_bytes: Optional[int] = None  # the KV cache rows made at load
+
+
+@dataclass(frozen=True)
 class VoiceInfo:
     """A voice the backend can speak with, as advertised in Info."""
 
@@ -203,6 +216,11 @@ class SpeechBackend(ABC):
 
     def warm_up(self) -> None:
         """One short generation after load, so the first request is not slow."""
+
+    def fast_path(self) -> Optional[FastPathState]:
+        """The speed-ups in use while the model is loaded; None if none apply
+        (any thread: it only reads)."""
+        return None
 
     def background_work(self) -> bool:
         """Do one small piece of deferred work (e.g. prepare a new voice) when the

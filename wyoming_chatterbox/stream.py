@@ -92,6 +92,7 @@ class SynthesisStream:
         self.params = job.params
         self._cancel = threading.Event()
         self._queue: "asyncio.Queue[object]" = asyncio.Queue()
+        self.groups_heard = 0  # groups whose audio has all been read
         loop = asyncio.get_running_loop()
         # Groups whose audio has all come from the worker (read or not yet):
         # a front end's progress display.
@@ -150,6 +151,7 @@ class SynthesisStream:
         while True:
             item = await self._queue.get()
             if item is GROUP_END:
+                self.groups_heard += 1
                 self._worker.taken(self._state)
             elif item is STREAM_END:
                 return

@@ -1,5 +1,8 @@
 """Reading Wyoming events with caps, and the time a connection may stay idle.
 
+While it waits for an event, `next_event` also keeps the connection's clocks: the
+idle timeout, the stream timeout, and an interruption (an eviction).
+
 Every length a client's header announces is checked before anything is read,
 nothing larger than the caps is ever buffered, and what is refused raises
 ProtocolViolation (its message and code become an `error` event). docs/design.md
@@ -10,7 +13,7 @@ import asyncio
 import contextlib
 import json
 import re
-from typing import Any, Callable, Optional, Sequence, cast
+from typing import Any, Callable, List, Optional, Sequence, cast
 
 from wyoming.event import Event
 
@@ -65,6 +68,18 @@ class IdleTimeout(Exception):
             f"No event for {seconds:g} seconds while idle: closing the connection"
         )
         self.seconds = seconds
+
+
+class StreamTimeout(Exception):
+    """No event came for the stream timeout while a stream was open."""
+
+    def __init__(self, seconds: float) -> None:
+        super().__init__(f"No event for {seconds:g} seconds in a stream")
+        self.seconds = seconds
+
+
+def _never() -> bool:
+    return False
 
 
 def data_cap(max_text_chars: Optional[int]) -> int:
@@ -143,30 +158,45 @@ async def next_event(
     reader: asyncio.StreamReader,
     idle_timeout: Optional[float],
     busy: Callable[[], "Sequence[asyncio.Future[Any]]"],
+    *,
+    stream_timeout: Optional[float] = None,
+    streaming: Callable[[], bool] = _never,
+    interrupt: "Optional[asyncio.Future[BaseException]]" = None,
     **caps: int,
 ) -> Optional[Event]:
     """read_event_capped, but raise IdleTimeout after `idle_timeout` seconds
     without a complete event during which `busy()` (the replies in progress) was
-    empty. A client listening to a long reply is silent, and is not idle.
+    empty: a client listening to a long reply is silent, and is not idle. Raise
+    StreamTimeout after `stream_timeout` seconds without one while `streaming()`
+    (a stream is open, busy or not), and the exception `interrupt` is set to as
+    soon as it is.
     """
     read = asyncio.ensure_future(read_event_capped(reader, **caps))
-    if not idle_timeout:
-        return await read
     loop = asyncio.get_running_loop()
-    idle_since = loop.time()
+    called = idle_since = loop.time()
+    others: "List[asyncio.Future[Any]]" = [] if interrupt is None else [interrupt]
     try:
         while not read.done():
+            if interrupt is not None and interrupt.done():
+                raise interrupt.result()
+            now = loop.time()
+            limits: List[float] = []
+            if stream_timeout and streaming():
+                limits.append(called + stream_timeout - now)
+                if limits[-1] <= 0:
+                    raise StreamTimeout(stream_timeout)
             working = [task for task in busy() if not task.done()]
+            if idle_timeout and not working:
+                limits.append(idle_since + idle_timeout - now)
+                if limits[-1] <= 0:
+                    raise IdleTimeout(idle_timeout)
+            await asyncio.wait(
+                [read, *others, *working],
+                timeout=min(limits, default=None),
+                return_when=asyncio.FIRST_COMPLETED,
+            )
             if working:
-                await asyncio.wait(
-                    [read, *working], return_when=asyncio.FIRST_COMPLETED
-                )
                 idle_since = loop.time()
-                continue
-            left = idle_since + idle_timeout - loop.time()
-            if left <= 0:
-                raise IdleTimeout(idle_timeout)
-            await asyncio.wait([read], timeout=left)
         return read.result()
     finally:
         if not read.done():

@@ -253,22 +253,45 @@ async def _run(args: argparse.Namespace, meta: Dict[str, Any]) -> Dict[str, Any]
         "early_release": not args.no_early_release,
         "speculative_start": not args.no_speculative_start,
         "max_connections": max(64, max(args.concurrency or [1]) + 8),
+        "max_connections_per_client": None,  # every client is 127.0.0.1
     }
-    results, load_s = await serve_in_process(
-        backend, server, lambda target: run_bench(args, target)
-    )
+    states: List[Any] = []
+
+    async def body(target: Any) -> Any:
+        states.append(backend.fast_path())  # what runs, after the self-check
+        return await run_bench(args, target)
+
+    results, load_s = await serve_in_process(backend, server, body)
+    if states and states[0] is not None:
+        meta["fast_path"] = dataclasses.asdict(states[0])
     meta["load_s"] = load_s
     meta["device"] = getattr(backend, "device", "cpu")
     results["in_process"] = {"group_stats": pooled_group_stats(results["cases"])}
     return results
 
 
-def _switches(args: argparse.Namespace, fast: FastPath, device: str) -> str:
+def _as_run(state: Optional[Dict[str, Any]]) -> str:
+    """What ran after the backend's start-up self-check, if it turned a part
+    off or chose another precision than the switches say."""
+    if not state:
+        return ""
+    off = [part for part, on in state["parts"].items() if not on]
+    return (
+        f" (as run: T3 in {state['t3_dtype']}, self-check {state['self_check']}"
+        + (f", off: {', '.join(off)}" if off else "")
+        + ")"
+    )
+
+
+def _switches(
+    args: argparse.Namespace, fast: FastPath, device: str, meta: Dict[str, Any]
+) -> str:
     """The speed and server switches of the run, in words."""
     if args.uri:
         return "those of the remote server (the flags here are unused)"
     return (
         fast.describe(device)
+        + _as_run(meta.get("fast_path"))
         + (
             "; streams wait for full groups (--no-early-release)"
             if args.no_early_release
@@ -336,7 +359,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     )
     meta["machine"] = machine_info()
     device = str(meta["device"])
-    meta["switches"] = _switches(args, fast, device if device != "remote" else "cuda")
+    meta["switches"] = _switches(
+        args, fast, device if device != "remote" else "cuda", meta
+    )
     meta["fast"] = dataclasses.asdict(fast)
     results["meta"] = meta
     results["targets"] = evaluate_targets(results, on_gpu=device.startswith("cuda"))

@@ -9,7 +9,8 @@ load their model (`_load_model`) and compute a clip's conditionals
 (`_compute_conditionals`). Worker thread only, but for `voices` and
 `resolve_voice` (the catalogue, on the event loop).
 
-Long (~480 lines): the one template every model backend shares.
+Long (~540 lines): the one template every model backend shares, and the
+device checks every backend needs before it loads.
 """
 
 import contextlib
@@ -86,7 +87,9 @@ def resolve_device(requested: str) -> str:
     import torch
 
     if requested == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
+        if not torch.cuda.is_available():
+            return "cpu"
+        requested = "cuda"
     if requested == "cpu":
         return "cpu"
     if requested == "cuda" or requested.startswith("cuda:"):
@@ -104,9 +107,50 @@ def resolve_device(requested: str) -> str:
                     f"--device {requested} does not exist: this machine has {count} "
                     f"CUDA device(s), cuda:0 to cuda:{count - 1}."
                 )
+        check_gpu_kernels(requested)
         return requested
     raise ModelLoadError(
         f"--device {requested} is not known; use auto, cpu, cuda or cuda:N."
+    )
+
+
+def gpu_has_kernels(arch_list: Sequence[str], capability: Tuple[int, int]) -> bool:
+    """A GPU runs code built for its own major version and an equal or lower
+    minor one (sm_XY), or PTX of an equal or lower capability (compute_XY),
+    which the driver compiles on the spot."""
+    major, minor = capability
+    for arch in arch_list:
+        kind, _, digits = arch.partition("_")
+        if not digits.isdigit() or len(digits) < 2:
+            continue  # e.g. sm_90a: code for that exact GPU only
+        built = (int(digits[:-1]), int(digits[-1]))
+        if kind == "sm" and built[0] == major and built[1] <= minor:
+            return True
+        if kind == "compute" and built <= capability:
+            return True
+    return False
+
+
+def check_gpu_kernels(device: str) -> None:
+    """Stop at start-up, saying what to do, where this PyTorch has no code for
+    the GPU (Blackwell on torch 2.6; Maxwell or Pascal on the CUDA 12.8
+    builds), rather than at the first request with "no kernel image is
+    available for execution on the device"."""
+    import torch
+
+    index = torch.device(device).index
+    index = torch.cuda.current_device() if index is None else index
+    capability = torch.cuda.get_device_capability(index)
+    arch_list = torch.cuda.get_arch_list()
+    if not arch_list or gpu_has_kernels(arch_list, capability):
+        return
+    raise ModelLoadError(
+        f"{torch.cuda.get_device_name(index)} (compute capability "
+        f"{capability[0]}.{capability[1]}) cannot run PyTorch {torch.__version__}, "
+        f"which has code for {' '.join(arch_list)} only. Run script/setup again (it "
+        "installs the PyTorch this GPU needs), or build the Docker image with "
+        "--build-arg TORCH_VERSION=2.8.0 (Blackwell) or 2.6.0 (Maxwell, Pascal); "
+        "--device cpu runs without the GPU."
     )
 
 
@@ -250,6 +294,7 @@ class ChatterboxBackend(SpeechBackend):
         self.device = resolve_device(self.settings.device)
         ckpt_dir = self.settings.model_dir or self._find_model()
         check_model_files(ckpt_dir, self.model_files, self.repo_id or self.model_name)
+        self._set_backend_flags()  # before anything runs on the device
         try:
             self.model = self._load_model(ckpt_dir)
         except ModelLoadError:
@@ -270,7 +315,6 @@ class ChatterboxBackend(SpeechBackend):
         self.model.conds = None
         self.conds[BUILTIN_VOICE] = (None, self._ready_conditionals(conds))
         self.model_id = f"{self.kind}-{model_fingerprint(ckpt_dir, self.model_files)}"
-        self._set_backend_flags()
         _LOGGER.info(
             "Loaded %s from %s on %s in %.1f s",
             self.model_name,
@@ -281,13 +325,20 @@ class ChatterboxBackend(SpeechBackend):
         self._prepare_voices()
 
     def _set_backend_flags(self) -> None:
-        """PyTorch's global switches for this device."""
+        """PyTorch's global switches, as upstream runs: PyTorch's defaults.
+
+        cuDNN's benchmark mode stays off: S3Gen's input length changes with
+        every call (and every piece), and benchmark mode would tune each
+        convolution again for each new length (stalls of 100 ms and more).
+        float32 matrix products stay exact (no TF32), convolutions may use
+        TF32 (PyTorch's default): upstream's float32 S3Gen numbers. Turning
+        either on needs a measurement first (script/gpu-check times both).
+        """
         import torch
 
-        if self.device.startswith("cuda"):
-            torch.backends.cudnn.benchmark = True
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = True
 
     def _prepare_voices(self) -> None:
         library = self.catalogue.library

@@ -4,8 +4,11 @@ Why not the library's loop (library_loop): it calls Hugging Face's GPT2Model
 with a growing cache, samples with torch.multinomial and reads every token back
 to the host, a sync or a reallocation per token. Here (the maths in t3_step):
 
-- every generation holds a slot, a row of a pool of static device state, so a
-  step over rows [0, n) has fixed shapes and can be a CUDA graph replay;
+- every generation holds a slot, a row of a pool of static device state
+  (t3_slots), so a step over rows [0, n) has fixed shapes and can be a CUDA
+  graph replay (cuda_graphs: all captured by `prepare()`, at load); before
+  each block the generations it serves are packed into the lowest rows, so
+  a step costs what it serves, not what ran before;
 - several generations advance in one step (`max_batch`): T3 reads its weights
   once per step whoever the step serves, so a generation asked for its next
   tokens takes the other running ones along, unless they are `lead_tokens`
@@ -15,15 +18,13 @@ to the host, a sync or a reallocation per token. Here (the maths in t3_step):
 
 Threads: one (the engine's worker), except that a generation collected by the
 garbage collector gives its slot back from whichever thread collects it; that
-touches only the free list, under a lock.
+touches only the slots' bookkeeping, under their lock.
 
-Long (~480 lines): a generation's whole life in the decoder.
+Long (~500 lines): a generation's whole life in the decoder.
 """
 
 import dataclasses
-import heapq
 import logging
-import threading
 import time
 import weakref
 from typing import Any, Iterator, List, Optional
@@ -31,14 +32,14 @@ from typing import Any, Iterator, List, Optional
 import torch
 
 from ..speech import Budget, SamplingParams, SynthesisCancelled
+from . import cuda_graphs
 from .base import MAX_SPEECH_TOKENS
+from .cuda_graphs import StepGraphs, capture_steps
 from .t3_sampler import param_values
-from .t3_step import SlotPool, T3Step
+from .t3_slots import SlotPool, Slots, pow2_at_least
+from .t3_step import T3Step
 
 _LOGGER = logging.getLogger(__name__)
-
-# Slots beyond this many alive are logged: the engine begins at most 16 groups.
-_MANY_SLOTS = 16
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,7 +66,6 @@ class _Member:
     budget: Budget
     max_tokens: int
     prompt: int  # positions before the first speech token
-    row: int = -1
     started: bool = False
     finished: bool = False  # no more steps: the stop token or max_tokens
     done: bool = False  # nothing more to return
@@ -89,7 +89,6 @@ class T3Decoder:
         t3: Any,
         device: str,
         dtype: torch.dtype,
-        cuda_graphs: bool = True,
         max_positions: Optional[int] = None,
         sync_every: int = 8,
         max_batch: int = 1,
@@ -99,8 +98,9 @@ class T3Decoder:
             raise ValueError("sync_every must be at least 1")
         if max_batch < 1:
             raise ValueError("max_batch must be at least 1")
-        self.step = T3Step(t3, device, dtype, cuda_graphs, max_positions)
+        self.step = T3Step(t3, device, dtype, max_positions)
         self.device = self.step.device
+        self.dtype = dtype
         self.max_positions = self.step.max_positions
         self.start_token = self.step.start_token
         self.stop_token = self.step.stop_token
@@ -110,30 +110,76 @@ class T3Decoder:
         # many of its tokens wait for its reader.
         self.lead_tokens = lead_tokens
         self.steps_run = 0  # decode steps, each for one generation or several
-        self.pool: Optional[SlotPool] = None
-        self._free: List[int] = []  # rows made and not held, a heap
-        self.n_slots = 0  # rows made
+        self._slots = Slots(self.step, pow2_at_least(max_batch), self._length_of)
+        self.graphs: Optional[StepGraphs] = None
+        self.slot_memory = 0  # bytes of the step pool made by prepare()
         # Started generations that may still step, in the order they started.
         self._running: List[_Member] = []
-        # Reentrant: a Generation collected by the GC inside _acquire releases
-        # its slot from the same thread.
-        self._lock = threading.RLock()
         self._closed = False
 
     @property
-    def cuda_graphs(self) -> bool:
-        return self.step.cuda_graphs
+    def pool(self) -> Optional[SlotPool]:
+        """The step pool: the rows a decode step runs over."""
+        return self._slots.pool
 
-    @cuda_graphs.setter
-    def cuda_graphs(self, on: bool) -> None:
-        self.step.cuda_graphs = on
+    @property
+    def cuda_graphs(self) -> bool:
+        return self.graphs is not None
 
     @property
     def free_slots(self) -> int:
-        """Slots in the pool, not held by a generation (for tests and logs)."""
-        return len(self._free)
+        """Slots made and not held by a generation (for tests and logs)."""
+        return self._slots.free
+
+    @property
+    def n_slots(self) -> int:
+        return self._slots.made
 
     # ------------------------------------------------------------------- API
+
+    def prepare(self, graphs: bool, memory_share: float = 0.5) -> None:
+        """Ready the decoder before the first generation. With `graphs` on a
+        GPU: the step pool made at once, at max_batch rows (rounded up to a
+        power of two; fewer where they would take more than `memory_share`
+        of the free GPU memory, and max_batch with them), and every decode
+        step captured as a CUDA graph. Elsewhere rows are made as needed.
+
+        Raises CaptureFailed when a capture fails (graphs stay off, the eager
+        step works), RuntimeError when even recovery failed.
+        """
+        if not graphs or not cuda_graphs.CUDA.is_gpu(self.device):
+            return
+        per_row = SlotPool.row_bytes(self.step)
+        rows = self._slots.step_rows
+        free = cuda_graphs.CUDA.free_memory(self.device)
+        while rows > 1 and rows * per_row > memory_share * free:
+            rows //= 2
+        if rows < self._slots.step_rows:
+            _LOGGER.warning(
+                "T3 steps serve up to %s groups, not %s: %s GB of GPU memory are "
+                "free and each group's cache takes %.2f GB (--t3-batch)",
+                rows,
+                self.max_batch,
+                round(free / 1e9, 1),
+                per_row / 1e9,
+            )
+        pool = self._slots.reserve(rows)
+        self.max_batch = min(self.max_batch, rows)
+        self.slot_memory = rows * per_row
+        sizes = [1 << i for i in range(rows.bit_length())]
+        with torch.inference_mode():
+            self.graphs = capture_steps(
+                lambda n, span: self.step.graph_body(pool, n, span),
+                sizes,
+                self.step.spans,
+                self.device,
+            )
+
+    def drop_graphs(self) -> None:
+        """Step eagerly from now on (the self-check found the graphs wrong)."""
+        if self.graphs is not None:
+            self.graphs.close()
+            self.graphs = None
 
     def prefix(self, t3_cond: Any) -> Prefix:
         """The conditioning embeddings' keys and values, once per voice."""
@@ -181,22 +227,6 @@ class T3Decoder:
         member = _Member(prefix, text_tokens, values, budget, max_tokens, prompt)
         return Generation(self, member)
 
-    def warm_up(self) -> None:
-        """Make the pool's first slot and, on CUDA, capture the one-row steps
-        ahead of the first call (steps of several rows are captured the first
-        time that many generations run together)."""
-        with torch.inference_mode():
-            row = self._acquire()
-            try:
-                pool = self.pool
-                assert pool is not None
-                for span in self.step.spans:
-                    if not self.cuda_graphs:
-                        break
-                    self.step.graph(pool, 1, span)
-            finally:
-                self._release(row)
-
     def release_reference_weights(self) -> None:
         """Free the storage of `t3.tfmr`'s parameters (the float32 transformer):
         the decoder has its own copy, and only it may be used afterwards. In
@@ -208,58 +238,49 @@ class T3Decoder:
 
     def close(self) -> None:
         """Drop the slots and their graphs; later generate() calls fail."""
-        with self._lock:
-            self._closed = True
-            self._free.clear()
-            self._running.clear()
-            self.pool = None
+        self._closed = True
+        self._running.clear()
+        self.drop_graphs()
+        self._slots.close()
+
+    def forced_states(
+        self, prefix: Prefix, text_tokens: torch.Tensor, forced: List[int]
+    ) -> torch.Tensor:
+        """Final hidden states (len(forced) + 1, width) float32 of the prefill
+        and of a step per forced speech token, through the decode step's own
+        code (for tests and the start-up self-check)."""
+        owner = object()
+        with torch.inference_mode():
+            self._slots.acquire(owner)
+            try:
+                self._slots.pack([owner], low=True)
+                pool, row = self._slots.locate(owner)
+                kv, length = prefix.kv, prefix.length
+                return self.step.forced(pool, row, kv, length, text_tokens, forced)
+            finally:
+                self._slots.release(owner)
 
     def forced_logits(
         self, prefix: Prefix, text_tokens: torch.Tensor, forced: List[int]
     ) -> torch.Tensor:
-        """Logits (len(forced) + 1, vocab) float32 of the prefill and of a step
-        per forced speech token, through the same code as the decode step (a
-        test hook)."""
+        """The logits (len(forced) + 1, vocab) of forced_states (a test hook)."""
         with torch.inference_mode():
-            row = self._acquire()
-            try:
-                pool = self.pool
-                assert pool is not None
-                kv, length = prefix.kv, prefix.length
-                rows = [self.step.prefill(pool, row, kv, length, text_tokens).clone()]
-                idx = torch.tensor([row], device=self.device)
-                pool.active[row] = True
-                for token in forced:
-                    pool.token[row] = token
-                    self.step._advance(pool, idx, [row], [int(pool.pos[row]) + 1])
-                    rows.append(pool.logits[row : row + 1].clone())
-                pool.active[row] = False
-                return torch.cat(rows)
-            finally:
-                self._release(row)
+            return self.step.logits(self.forced_states(prefix, text_tokens, forced))
 
     # ------------------------------------------------- a generation's life
 
     def start(self, member: _Member, handle: "Generation") -> None:
         """Take a slot and run the prompt (eager); the slot goes back when the
         member finishes or is closed, or when `handle` is collected."""
+        if self._closed:
+            raise RuntimeError("the T3 decoder is closed")
         started = time.monotonic()
-        row = self._acquire()
-        member.row = row
+        self._slots.acquire(member)
         member.finalizer = weakref.finalize(handle, self._abandon, member)
-        pool = self.pool
-        assert pool is not None
+        pool, row = self._slots.locate(member)
         prefix = member.prefix
         self.step.prefill(pool, row, prefix.kv, prefix.length, member.text_tokens)
-        temperature, kth, top_p_cut, penalty = member.values
-        pool.temperature[row] = temperature
-        pool.kth[row] = int(kth)
-        pool.top_p_cut[row] = top_p_cut
-        pool.penalty[row] = penalty
-        pool.min_tokens[row] = max(0, member.budget.min_tokens)
-        pool.step[row] = 0
-        pool.seen[row] = False
-        pool.seen[row, self.start_token] = True
+        pool.begin_row(row, member.values, member.budget.min_tokens, self.start_token)
         member.prefill_s = time.monotonic() - started
         member.started = True
         self._running.append(member)
@@ -303,7 +324,13 @@ class T3Decoder:
 
     def _abandon(self, member: _Member) -> None:
         member.finished = True
-        self._release(member.row)
+        self._slots.release(member)
+
+    def _length_of(self, owner: Any) -> int:
+        """Cache positions an owner's slot has written (what a move copies)."""
+        if isinstance(owner, _Member):
+            return min(self.max_positions, owner.prompt + owner.ran + 1)
+        return self.max_positions
 
     def _take(self, member: _Member, tokens: List[int]) -> None:
         """The tokens of the member's latest steps, read back."""
@@ -314,34 +341,6 @@ class T3Decoder:
         elif member.ran >= member.max_tokens:
             self._end(member, cut=True)
         member.buffer.extend(tokens)
-
-    # ----------------------------------------------------------------- slots
-
-    def _acquire(self) -> int:
-        """A free row of the pool (the lowest: batches stay short), the pool
-        made or doubled when all its rows are held."""
-        with self._lock:
-            if self._closed:
-                raise RuntimeError("the T3 decoder is closed")
-            if self._free:
-                return heapq.heappop(self._free)
-            row = self.n_slots
-            self.n_slots += 1
-            if self.n_slots > _MANY_SLOTS:
-                _LOGGER.warning("%s T3 decoder slots alive", self.n_slots)
-        pool = self.pool
-        if pool is None or row >= pool.capacity:
-            capacity = 1 if pool is None else 2 * pool.capacity
-            while capacity <= row:
-                capacity *= 2
-            self.pool = SlotPool(self.step, capacity, pool)
-        return row
-
-    def _release(self, row: int) -> None:
-        with self._lock:
-            if self._closed:
-                return
-            heapq.heappush(self._free, row)
 
     # ------------------------------------------------------------- stepping
 
@@ -362,21 +361,33 @@ class T3Decoder:
             found.append(other)
         return found
 
+    def _run(self, pool: SlotPool, lo: int, hi: int, length: int) -> None:
+        """One step of the step pool's rows [lo, hi) (the active ones), the
+        longest at `length` positions: a graph over rows [0, n) if captured,
+        else the same step eagerly."""
+        graphs = self.graphs
+        if graphs is not None and graphs.replay(
+            pow2_at_least(hi), self.step.span_for(length)
+        ):
+            return
+        self.step.eager(pool, lo, hi, length)
+
+    # Long: one block is one loop; splitting it would scatter its state.
     def _run_block(self, primary: _Member) -> bool:
         """Up to sync_every steps of `primary`, with its companions in the same
         steps, then one read of all their new tokens. Each one's stop flag is
         read before each of its steps; True if `primary`'s turned true."""
-        pool = self.pool
-        assert pool is not None
         members = [primary] + (self._companions(primary) if self.max_batch > 1 else [])
         budget = {id(m): min(self.sync_every, m.max_tokens - m.ran) for m in members}
+        # Into the lowest rows: the steps run over as few rows as they serve.
+        lo, hi = self._slots.pack(members, low=self.graphs is not None)
+        pool = self._slots.pool
+        assert pool is not None
+        row = {id(m): self._slots.row_of(m) for m in members}
         mask = torch.zeros(pool.capacity, dtype=torch.bool)
-        mask[[m.row for m in members]] = True
+        mask[[row[id(m)] for m in members]] = True
         pool.active.copy_(mask)
         live = members
-        # The rows as a device tensor for the eager step, made again only when
-        # a member drops out (not once per token).
-        live_idx = torch.tensor([m.row for m in live], device=self.device)
         cancelled = False
         started = time.monotonic()
         for n in range(self.sync_every):
@@ -388,24 +399,21 @@ class T3Decoder:
                     cancelled = cancelled or m is primary
                     continue
                 going.append(m)
-            if len(going) < len(live):
-                for m in live:
-                    if m not in going:
-                        pool.active[m.row] = False
-                live = going
-                live_idx = torch.tensor([m.row for m in live], device=self.device)
+            for m in live:
+                if m not in going:
+                    pool.active[row[id(m)]] = False
+            live = going
             if primary not in live:
                 break
             self.steps_run += 1
-            lengths = [m.prompt + m.ran + 1 for m in live]
-            self.step.run(pool, [m.row for m in live], lengths, live_idx)
+            self._run(pool, lo, hi, max(m.prompt + m.ran + 1 for m in live))
             for m in live:
                 m.ran += 1
                 m.batched_steps += len(live)
         took = time.monotonic() - started
         start = min(m.read for m in members)
         end = max(m.ran for m in members)
-        rows = torch.tensor([m.row for m in members], device=self.device)
+        rows = torch.tensor([row[id(m)] for m in members], device=self.device)
         sampled = pool.out[rows, start:end].tolist()
         for m, tokens in zip(members, sampled):
             m.decode_s += took

@@ -1,30 +1,26 @@
 """One decode step of Chatterbox Turbo's T3 (GPT-2) over a pool of slots.
 
 `T3Step` holds the weights in the decoder's precision and runs the maths: a
-forward over rows of a static KV cache, the on-device sampler (t3_sampler), and
-the step captured as CUDA graphs, one per (rows, attention span). `SlotPool` is
-the device state of every slot. Which slots step when is t3_decoder's job.
+forward over rows of a static KV cache (t3_slots.SlotPool) with fixed shapes
+and no host read, so that the same step runs eagerly or as a CUDA graph
+(cuda_graphs), and the on-device sampler (t3_sampler). Which slots step when
+is t3_decoder's job.
 
 Precision: matrix products, the KV cache and attention (SDPA) run in the
 decoder's dtype; the residual stream, the layer norms and the logits stay in
 float32, so bfloat16 loses little more than its matmul rounding.
-
-Long (~490 lines): the weights, the forward and its CUDA graphs belong together.
 """
 
 import dataclasses
-import logging
 import math
-from typing import Any, Callable, Dict, List, Optional, Tuple, Union
+from typing import Any, Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 
 from .base import MAX_SPEECH_TOKENS
 from .t3_sampler import draw, sampler_scores
-
-_LOGGER = logging.getLogger(__name__)
-
+from .t3_slots import SlotPool
 
 # Room for text tokens in the default cache size; a sentence group is far
 # shorter (the engine splits text into groups of a few sentences).
@@ -57,80 +53,6 @@ class _Layer:
     scale: float
 
 
-class SlotPool:
-    """Every slot's device state, one row per slot.
-
-    A slot is what one generation needs on the device: its KV cache, its last
-    logits and token, its position, the tokens it sampled, its sampler state
-    and parameters, and whether it takes part in the next step (`active`).
-    Rows sit side by side so that one step can serve several generations. A
-    step leaves the rows it does not advance as they were, but for junk in
-    their cache at their next position, which their own next step writes
-    before it reads. Each tensor keeps its address for the pool's life (the
-    CUDA graphs read and write them in place): a larger pool is a new one,
-    with the old rows copied in and its graphs captured anew.
-    """
-
-    def __init__(self, dec: "T3Step", capacity: int, old: "Optional[SlotPool]") -> None:
-        dev = dec.device
-        positions = dec.max_positions
-
-        def zeros(*shape: int, dtype: torch.dtype = torch.long) -> torch.Tensor:
-            return torch.zeros(shape, dtype=dtype, device=dev)
-
-        self.capacity = capacity
-        self.cache = zeros(
-            dec.n_layer,
-            2,
-            capacity,
-            dec.n_head,
-            positions,
-            dec.head_dim,
-            dtype=dec.dtype,
-        )
-        self.logits = zeros(capacity, dec.vocab, dtype=torch.float32)
-        self.token = zeros(capacity)
-        self.pos = zeros(capacity)
-        self.step = zeros(capacity)
-        self.out = zeros(capacity, positions)
-        self.seen = zeros(capacity, dec.vocab, dtype=torch.bool)
-        # Sampling parameters (see t3_sampler.param_values).
-        self.temperature = torch.ones((capacity, 1), device=dev)
-        self.kth = zeros(capacity, 1)
-        self.top_p_cut = torch.full((capacity, 1), -1.0, device=dev)
-        self.penalty = torch.ones((capacity, 1), device=dev)
-        self.min_tokens = zeros(capacity)
-        self.active = zeros(capacity, dtype=torch.bool)
-        self.rows = torch.arange(capacity, device=dev)
-        # (rows, attention span) -> captured step over rows [0, rows)
-        self.graphs: Dict[Tuple[int, int], Any] = {}
-        if old is not None:
-            with torch.inference_mode():
-                self.cache[:, :, : old.capacity].copy_(old.cache)
-                for name in _ROW_STATE:
-                    getattr(self, name)[: old.capacity].copy_(getattr(old, name))
-
-
-_ROW_STATE = (
-    "logits",
-    "token",
-    "pos",
-    "step",
-    "out",
-    "seen",
-    "temperature",
-    "kth",
-    "top_p_cut",
-    "penalty",
-    "min_tokens",
-    "active",
-)
-
-# Rows of the pool a step runs over: a list (the eager path, each row with its
-# own attention length) or a slice of rows side by side (the graph shape).
-_Rows = Union[List[int], slice]
-
-
 class T3Step:
     """T3's weights and its decode step over the rows of a SlotPool."""
 
@@ -139,7 +61,6 @@ class T3Step:
         t3: Any,
         device: str,
         dtype: torch.dtype,
-        cuda_graphs: bool = True,
         max_positions: Optional[int] = None,
     ) -> None:
         tfmr = t3.tfmr
@@ -155,7 +76,6 @@ class T3Step:
         self.t3 = t3
         self.device = torch.device(device)
         self.dtype = dtype
-        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
         self.n_layer = cfg.n_layer
         self.width = cfg.n_embd
         self.n_head = cfg.n_head
@@ -240,82 +160,55 @@ class T3Step:
 
     # ----------------------------------------------------------------- model
 
-    # Long: one GPT-2 forward; every line is one of the layer's tensor ops.
     def _forward(
         self,
         x: torch.Tensor,
         cache: torch.Tensor,
-        rows: _Rows,
+        rows: slice,
         positions: torch.Tensor,
-        lengths: Union[List[int], int],
+        span: int,
     ) -> torch.Tensor:
-        """GPT-2 blocks over `x` (B, n, width) float32 input embeddings of B
-        rows of `cache` (layers, 2, rows, heads, positions, head_dim), at
-        `positions` (B, n) long (position embeddings added here): writes each
-        row's keys and values at its positions, attends causally, returns the
-        float32 logits (B, vocab) of each row's last position.
+        """GPT-2 blocks over `x` (B, n, width) float32 input embeddings of the
+        B rows `rows` of `cache` (layers, 2, rows, heads, positions, head_dim)
+        at `positions` (B, n) long (position embeddings added here): writes
+        each row's keys and values at its positions, attends causally over
+        the first `span` cache positions (masked by the positions tensor, so
+        each row sees only what it wrote) and returns the float32 final
+        hidden state (B, width) of each row's last position.
 
-        `rows` a list: row b attends over its first `lengths[b]` positions,
-        known to the host, so nothing past what it has written is read.
-        `rows` a slice (B rows side by side): one attention over the first
-        `lengths` (an int) positions of every row, masked by the positions
-        tensor: fixed shapes and no host-known length, what a graph holds.
+        Fixed shapes and no host read of any tensor: what a CUDA graph holds,
+        and the eager step too (one attention call for all rows, not one per
+        row).
         """
         batch, n, _ = x.shape
         heads, hd, dt, width = self.n_head, self.head_dim, self.dtype, self.width
         x = x + self.wpe[positions]
-        if isinstance(rows, slice):
-            assert isinstance(lengths, int)
-            span = lengths
-            mask = (self.positions[:span] <= positions.unsqueeze(-1)).unsqueeze(1)
-            where = positions.view(batch, 1, n, 1).expand(batch, heads, n, hd)
-        else:
-            assert isinstance(lengths, list)
-            row_lengths = lengths
-            masks = [
-                self.positions[:length] <= positions[b].unsqueeze(-1)
-                for b, length in enumerate(row_lengths)
-            ]
+        mask = (self.positions[:span] <= positions.unsqueeze(-1)).unsqueeze(1)
+        where = positions.view(batch, 1, n, 1).expand(batch, heads, n, hd)
         for i, layer in enumerate(self.layers):
             h = F.layer_norm(x, (width,), layer.ln_1[0], layer.ln_1[1], self.eps)
             qkv = torch.addmm(layer.attn_b, h.view(-1, width).to(dt), layer.attn_w)
             # Each (B, heads, n, head_dim).
             q, k, v = qkv.view(batch, n, 3, heads, hd).permute(2, 0, 3, 1, 4)
-            if isinstance(rows, slice):
-                cache_k, cache_v = cache[i, 0, rows], cache[i, 1, rows]
-                cache_k.scatter_(2, where, k)
-                cache_v.scatter_(2, where, v)
-                a = F.scaled_dot_product_attention(
-                    q,
-                    cache_k[:, :, :span],
-                    cache_v[:, :, :span],
-                    attn_mask=mask,
-                    scale=layer.scale,
-                )
-            else:
-                parts = []
-                for b, row in enumerate(rows):
-                    cache_k, cache_v = cache[i, 0, row], cache[i, 1, row]
-                    cache_k.index_copy_(1, positions[b], k[b])
-                    cache_v.index_copy_(1, positions[b], v[b])
-                    length = row_lengths[b]
-                    parts.append(
-                        F.scaled_dot_product_attention(
-                            q[b : b + 1],
-                            cache_k[:, :length].unsqueeze(0),
-                            cache_v[:, :length].unsqueeze(0),
-                            attn_mask=masks[b],
-                            scale=layer.scale,
-                        )
-                    )
-                a = parts[0] if batch == 1 else torch.cat(parts)
+            cache_k, cache_v = cache[i, 0, rows], cache[i, 1, rows]
+            cache_k.scatter_(2, where, k)
+            cache_v.scatter_(2, where, v)
+            a = F.scaled_dot_product_attention(
+                q,
+                cache_k[:, :, :span],
+                cache_v[:, :, :span],
+                attn_mask=mask,
+                scale=layer.scale,
+            )
             a = a.transpose(1, 2).reshape(batch * n, width)
             x = x + torch.addmm(layer.proj_b, a, layer.proj_w).float().view_as(x)
             h = F.layer_norm(x, (width,), layer.ln_2[0], layer.ln_2[1], self.eps)
             m = self._act(torch.addmm(layer.fc_b, h.view(-1, width).to(dt), layer.fc_w))
             x = x + torch.addmm(layer.mlp_b, m, layer.mlp_w).float().view_as(x)
-        h = F.layer_norm(x[:, -1], (width,), self.ln_f[0], self.ln_f[1], self.eps)
-        return torch.addmm(self.head_b, h, self.head_w.t())
+        return F.layer_norm(x[:, -1], (width,), self.ln_f[0], self.ln_f[1], self.eps)
+
+    def _logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        return torch.addmm(self.head_b, hidden, self.head_w.t())
 
     def _sample(self, pool: SlotPool, idx: torch.Tensor) -> None:
         """Draw from the rows' logits into their token and out[step]; rows not
@@ -341,106 +234,40 @@ class T3Step:
         pool.seen[idx] = torch.where(active.unsqueeze(1), updated, seen)
         pool.step[idx] = step + active
 
-    def _advance(
-        self,
-        pool: SlotPool,
-        idx: torch.Tensor,
-        rows: _Rows,
-        lengths: Union[List[int], int],
-    ) -> None:
+    def _advance(self, pool: SlotPool, rows: slice, span: int) -> None:
         """Feed the rows' tokens at their positions; next logits into the rows.
         A row not active writes junk at its next position and keeps the rest."""
-        active = pool.active[idx]
-        pos = pool.pos[idx]
-        x = self.speech_emb[pool.token[idx]].unsqueeze(1)
+        active = pool.active[rows]
+        pos = pool.pos[rows]
+        x = self.speech_emb[pool.token[rows]].unsqueeze(1)
         # A finished row may sit at the end of the cache: its junk goes to the
         # last position, which it will not read again.
         at = pos.clamp(max=self.max_positions - 1).unsqueeze(1)
-        logits = self._forward(x, pool.cache, rows, at, lengths)
-        pool.logits[idx] = torch.where(active.unsqueeze(1), logits, pool.logits[idx])
-        pool.pos[idx] = pos + active
+        logits = self._logits(self._forward(x, pool.cache, rows, at, span))
+        pool.logits[rows] = torch.where(active.unsqueeze(1), logits, pool.logits[rows])
+        pool.pos[rows] = pos + active
 
-    def _step(
-        self,
-        pool: SlotPool,
-        idx: torch.Tensor,
-        rows: _Rows,
-        lengths: Union[List[int], int],
-    ) -> None:
-        """One decode step of the active ones of `rows` (`idx` the same rows as
-        a device tensor): sample a token each, then feed it."""
-        self._sample(pool, idx)
-        self._advance(pool, idx, rows, lengths)
+    def _step(self, pool: SlotPool, rows: slice, span: int) -> None:
+        """One decode step of the active ones of `rows`: sample a token each,
+        then feed it."""
+        self._sample(pool, pool.rows[rows])
+        self._advance(pool, rows, span)
 
-    def _graph_body(self, pool: SlotPool, n: int, span: int) -> Callable[[], None]:
-        """The step a graph holds: rows [0, n), attention over `span` positions."""
-        idx = pool.rows[:n]
+    def span_for(self, length: int) -> int:
+        """The attention span of a captured step that holds `length` positions."""
+        return next(s for s in self.spans if s >= length)
+
+    def eager(self, pool: SlotPool, lo: int, hi: int, span: int) -> None:
+        """One step of rows [lo, hi) of the step pool, attending over `span`
+        positions (at least the longest row's position + 1)."""
+        self._step(pool, slice(lo, hi), span)
+
+    def graph_body(self, pool: SlotPool, n: int, span: int) -> Callable[[], None]:
+        """The step a CUDA graph holds: rows [0, n), attention over `span`."""
         rows = slice(0, n)
-        return lambda: self._step(pool, idx, rows, span)
+        return lambda: self._step(pool, rows, span)
 
-    def run(
-        self,
-        pool: SlotPool,
-        rows: List[int],
-        lengths: List[int],
-        idx: Optional[torch.Tensor] = None,
-    ) -> None:
-        """One step of the slots `rows`, each with its host-known attention
-        length (its position + 1); the rows must be the active ones. `idx`:
-        the rows as a device tensor, if the caller has it already."""
-        if self.cuda_graphs:
-            n = 1 << max(rows).bit_length()  # rows [0, n): a power of two
-            span = next(s for s in self.spans if s >= max(lengths))
-            graph = self.graph(pool, n, span)
-            if graph is not None:
-                graph.replay()
-                return
-        if idx is None:
-            idx = torch.tensor(rows, device=self.device)
-        self._step(pool, idx, rows, lengths)
-
-    def graph(self, pool: SlotPool, n: int, span: int) -> Optional[Any]:
-        """The captured step for (n, span), captured now if it is new; None if
-        capture fails (then the decoder goes on without graphs)."""
-        graph = pool.graphs.get((n, span))
-        if graph is not None or not self.cuda_graphs:
-            return graph
-        try:
-            graph = self._capture(pool, n, span)
-        except Exception:  # pylint: disable=broad-except
-            # Capture depends on the GPU, driver and PyTorch at hand; slower
-            # speech beats none.
-            _LOGGER.warning(
-                "Could not capture T3's decode step as a CUDA graph; decoding "
-                "without graphs from now on (slower). Please report this with "
-                "the error below. --no-cuda-graphs skips the attempt.",
-                exc_info=True,
-            )
-            self.cuda_graphs = False
-            return None
-        pool.graphs[(n, span)] = graph
-        return graph
-
-    def _capture(self, pool: SlotPool, n: int, span: int) -> Any:
-        """Capture the step over rows [0, n) as a CUDA graph, after warm-up
-        steps on a side stream as PyTorch requires. No row is active meanwhile,
-        so the rows of running generations keep their state."""
-        body = self._graph_body(pool, n, span)
-        active = pool.active.clone()
-        pool.active.zero_()
-        try:
-            stream = torch.cuda.Stream(device=self.device)
-            stream.wait_stream(torch.cuda.current_stream(self.device))
-            with torch.cuda.stream(stream):
-                for _ in range(2):
-                    body()
-            torch.cuda.current_stream(self.device).wait_stream(stream)
-            graph = torch.cuda.CUDAGraph()
-            with torch.cuda.graph(graph):
-                body()
-        finally:
-            pool.active.copy_(active)
-        return graph
+    # --------------------------------------------------------------- prompt
 
     def prefix_kv(self, t3_cond: Any) -> Tuple[torch.Tensor, int]:
         """The keys and values of a voice's conditioning embeddings, and their
@@ -463,7 +290,8 @@ class T3Step:
                 device=self.device,
             )
             x = cond.to(device=self.device, dtype=torch.float32)
-            self._forward(x, kv, [0], self.positions[:length].unsqueeze(0), [length])
+            positions = self.positions[:length].unsqueeze(0)
+            self._forward(x, kv, slice(0, 1), positions, length)
         return kv, length
 
     def prefill(
@@ -475,8 +303,8 @@ class T3Step:
         text_tokens: torch.Tensor,
     ) -> torch.Tensor:
         """Copy a voice prompt's keys and values (kv, length) into the row and
-        run text + start token after it (eager); returns the row's logits
-        (1, vocab)."""
+        run text + start token after it (eager); returns the row's final
+        hidden state (1, width) and leaves its logits in the row."""
         pool.cache[:, :, row : row + 1, :, :length].copy_(kv)
         start = torch.full_like(text_tokens[:, :1], self.start_token)
         x = torch.cat(
@@ -484,8 +312,37 @@ class T3Step:
         ).to(self.device)
         n = x.size(0)
         positions = self.positions[length : length + n].unsqueeze(0)
-        pool.logits[row] = self._forward(
-            x.unsqueeze(0), pool.cache, [row], positions, [length + n]
-        )[0]
+        rows = slice(row, row + 1)
+        hidden = self._forward(x.unsqueeze(0), pool.cache, rows, positions, length + n)
+        pool.logits[row] = self._logits(hidden)[0]
         pool.pos[row] = length + n
-        return pool.logits[row : row + 1]
+        return hidden
+
+    def forced(
+        self,
+        pool: SlotPool,
+        row: int,
+        kv: torch.Tensor,
+        length: int,
+        text_tokens: torch.Tensor,
+        tokens: List[int],
+    ) -> torch.Tensor:
+        """Final hidden states (len(tokens) + 1, width) float32 of the prefill
+        and of a step per forced speech token, through the decode step's own
+        code (for tests and the start-up self-check)."""
+        states = [self.prefill(pool, row, kv, length, text_tokens)]
+        rows = slice(row, row + 1)
+        pool.active[row] = True
+        for n, token in enumerate(tokens):
+            pool.token[row] = token
+            span = length + text_tokens.size(1) + 2 + n
+            x = self.speech_emb[pool.token[rows]].unsqueeze(1)
+            at = pool.pos[rows].unsqueeze(1)
+            states.append(self._forward(x, pool.cache, rows, at, span))
+            pool.pos[row] += 1
+        pool.active[row] = False
+        return torch.cat(states)
+
+    def logits(self, hidden: torch.Tensor) -> torch.Tensor:
+        """Speech-token logits (B, vocab) float32 of final hidden states."""
+        return self._logits(hidden)

@@ -6,7 +6,8 @@ voice's conditionals as arguments (the shared `model.conds` is never used),
 checks the stop flag before every speech token and can hand tokens to S3Gen in
 pieces. The fast path (settings.FastPath) picks the parts: our static-cache T3
 decoder (t3_decoder) or the library's loop (library_loop), S3Gen in pieces
-(s3stream), the watermark on its own thread (watermark). Worker thread only.
+(s3stream), the watermark on its own thread (watermark); self_check builds
+them for the device and checks them there. Worker thread only.
 """
 
 import collections
@@ -20,7 +21,7 @@ from typing import Any, Callable, Dict, Generator, List, Optional, Sequence, Tup
 import numpy as np
 
 from ..settings import BUILTIN_VOICE, ModelSettings
-from ..speech import NOTHING_YET, GroupStats, Piece, SpeechJob
+from ..speech import NOTHING_YET, FastPathState, GroupStats, Piece, SpeechJob
 from ..voices import Languages
 from .base import (
     MAX_SPEECH_TOKENS,
@@ -104,6 +105,10 @@ class TurboBackend(ChatterboxBackend):
             collections.OrderedDict()
         )
         self._marker: Optional[concurrent.futures.ThreadPoolExecutor] = None
+        # Audio in pieces within a group (the switch, unless the self-check
+        # turned it off), and what runs, for the metrics.
+        self._pieces = False
+        self._fast_state: Optional[FastPathState] = None
 
     def _make_languages(self) -> Languages:
         return EnglishOnly(self.model_name, self.languages)
@@ -112,51 +117,38 @@ class TurboBackend(ChatterboxBackend):
         return ensure_model(self.settings.data_dir, REPO_ID, ALLOW_PATTERNS)
 
     def _load_model(self, ckpt_dir: Path) -> Any:
-        import torch
+        from .self_check import prepare_fast_path
 
         model = load_turbo_model(ckpt_dir, self.device)
-        if self.device.startswith("cuda"):
-            # S3Gen's input length changes with every piece: cuDNN's benchmark
-            # mode would tune its convolutions again for each new length.
-            torch.backends.cudnn.benchmark = False
-        if self.fast.static_cache:
-            from .t3_decoder import T3Decoder
-
-            dtype = getattr(torch, self.fast.resolved_dtype(self.device))
-            self._decoder = T3Decoder(
-                model.t3,
-                self.device,
-                dtype,
-                cuda_graphs=self.fast.uses_graphs(self.device),
-                max_batch=self.fast.batch,
-                lead_tokens=self.fast.max_piece_tokens,
-            )
-            if dtype != torch.float32:
-                # The decoder holds T3's transformer in its own precision; the
-                # float32 copy would only take memory.
-                self._decoder.release_reference_weights()
+        # The decoder, its CUDA graphs, S3Gen in pieces: built and, on a GPU,
+        # checked against the slower reference (self_check).
+        setup = prepare_fast_path(model, self.fast, self.device)
+        self._decoder, self._pieces = setup.decoder, setup.pieces
+        self._fast_state = setup.state
         if self.fast.async_watermark:
             self._marker = concurrent.futures.ThreadPoolExecutor(
                 max_workers=1, thread_name_prefix="chatterbox-watermark"
             )
-        _LOGGER.info("Speed settings: %s", self.fast.describe(self.device))
+        _LOGGER.info("Speed settings: %s", setup.line)
         return model
+
+    def fast_path(self) -> Optional[FastPathState]:
+        return self._fast_state
 
     @property
     def batch_size(self) -> int:
         return self._decoder.max_batch if self._decoder is not None else 1
 
     def warm_up(self) -> None:
-        if self._decoder is not None:
-            self._decoder.warm_up()
         super().warm_up()
-        if self.fast.streams_in_group(self.device):
+        if self._pieces:
             # One-shot replies take the whole-group path (one S3Gen call).
             job = SpeechJob("Warming up.", BUILTIN_VOICE, "en", whole=True)
             for _ in self.speak(dataclasses.replace(job, params=self.default_params)):
                 pass
 
     def close(self) -> None:
+        self._fast_state = None
         if self._decoder is not None:
             self._decoder.close()
             self._decoder = None
@@ -230,7 +222,7 @@ class TurboBackend(ChatterboxBackend):
             # begin too, and T3's next steps serve both (batch_size).
             generation.start()
             yield NOTHING_YET
-            if not job.whole and self.fast.streams_in_group(self.device):
+            if not job.whole and self._pieces:
                 pieces = self._stream_group(job, conds, generation, stats)
             else:
                 pieces = self._whole_group(job, conds, generation, stats)
