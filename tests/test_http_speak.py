@@ -5,11 +5,15 @@ load and unload, /health and /api/status."""
 import asyncio
 import base64
 import contextlib
+import json
 import logging
+import socket
 import struct
 import threading
+from typing import Any, Iterator
 
 import aiohttp
+import numpy as np
 import pytest
 from wyoming.tts import Synthesize
 
@@ -19,6 +23,7 @@ from tests.wyoming_client import connect, free_port
 from wyoming_chatterbox import __version__
 from wyoming_chatterbox.sentences import split_groups
 from wyoming_chatterbox.server import run_server
+from wyoming_chatterbox.speech import Piece, SpeechJob
 
 # Seven sentences: three groups (the first is one sentence, then threes).
 TEXT = (
@@ -364,3 +369,81 @@ async def test_the_http_side_answers_while_the_model_loads() -> None:
         task.cancel()
         with contextlib.suppress(asyncio.CancelledError):
             await task
+
+
+async def _raw_request(port: int, head: bytes, rcvbuf: int = 0) -> Any:
+    """(reader, writer) of a plain socket that sent `head`; a small `rcvbuf`
+    makes a client that stops reading fill up at once."""
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    if rcvbuf:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, rcvbuf)
+    sock.setblocking(False)
+    await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", port))
+    reader, writer = await asyncio.open_connection(sock=sock)
+    writer.write(head)
+    await writer.drain()
+    return reader, writer
+
+
+async def test_a_body_that_stalls_gets_408() -> None:
+    backend = FakeBackend()
+    async with serve_http(backend, idle_timeout=0.5) as server:
+        reader, writer = await _raw_request(
+            server.http_port,
+            b"POST /api/speak HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+            b"Content-Type: application/json\r\nContent-Length: 100\r\n\r\n"
+            b'{"text": "Hel',
+        )
+        try:
+            answer = await asyncio.wait_for(reader.readuntil(b"}}"), 5)
+        finally:
+            writer.close()
+    assert answer.startswith(b"HTTP/1.1 408"), answer[:80]
+    assert b'"code": "timeout"' in answer or b'"code":"timeout"' in answer
+    assert backend.asked == []
+
+
+class LoudBackend(FakeBackend):
+    """Twenty seconds of audio per group, at once: a reply is far more than
+    socket buffers hold (Linux's grow to 4 MiB), so a client that reads
+    nothing stalls the server's writes."""
+
+    def speak(self, job: SpeechJob) -> Iterator[Piece]:
+        for piece in super().speak(job):
+            yield Piece(audio=np.full(480_000, 0.1, np.float32), tokens=piece.tokens)
+
+
+@pytest.mark.parametrize("path", ["/api/speak", "/api/speak.wav", "/v1/audio/speech"])
+async def test_a_client_that_reads_nothing_is_dropped_and_its_reply_cancelled(
+    path: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="wyoming_chatterbox")
+    text = " ".join(f"Sentence number {i} is here." for i in range(30))
+    body = json.dumps({"text": text, "input": text, "response_format": "pcm"})
+    head = (
+        f"POST {path} HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Content-Type: application/json\r\nContent-Length: {len(body)}\r\n\r\n"
+        f"{body}"
+    ).encode()
+    async with serve_http(LoudBackend(), idle_timeout=0.5) as server:
+        reader, writer = await _raw_request(server.http_port, head, rcvbuf=4096)
+        try:
+            for _ in range(250):  # reads nothing meanwhile
+                if "Reply cancelled" in caplog.text:
+                    break
+                await asyncio.sleep(0.02)
+            assert "Reply cancelled" in caplog.text
+            # The server cut the connection: what it had sent, then no end of
+            # the chunked body, so the client cannot take it for a whole reply.
+            sent = b""
+            with contextlib.suppress(ConnectionError):
+                while chunk := await asyncio.wait_for(reader.read(1 << 20), 5):
+                    sent += chunk
+            assert sent.startswith(b"HTTP/1.1 200")
+            assert not sent.endswith(b"\r\n0\r\n\r\n")
+            assert len(sent) < len(split_groups(text)) * 960_000
+        finally:
+            writer.close()
+        async with session() as client:  # and it serves others
+            async with client.get(f"{server.url}/api/status") as resp:
+                assert (await resp.json())["replies_in_progress"] == 0

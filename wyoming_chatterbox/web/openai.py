@@ -115,6 +115,7 @@ async def speech(request: web.Request) -> web.StreamResponse:
         await out.failed(request, str(err))
     except ConnectionError as err:
         _LOGGER.debug("HTTP client gone while sending audio: %s", err)
+        abort(request)  # a client too slow to read must not get a clean end
     finally:
         if not ended:
             reply.end(False)

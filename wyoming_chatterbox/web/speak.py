@@ -212,6 +212,7 @@ async def speak_events(request: web.Request) -> web.StreamResponse:
         await response.write_eof()
     except ConnectionError as err:
         _LOGGER.debug("HTTP client gone while sending audio: %s", err)
+        abort(request)  # a client too slow to read must not get a clean end
     finally:
         if not ended:  # the client left (or the handler was cancelled)
             reply.end(False)
@@ -240,6 +241,7 @@ async def speak_wav(request: web.Request) -> web.StreamResponse:
         abort(request)
     except ConnectionError as err:
         _LOGGER.debug("HTTP client gone while sending audio: %s", err)
+        abort(request)  # a client too slow to read must not get a clean end
     finally:
         if not ended:
             reply.end(False)
