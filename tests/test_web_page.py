@@ -45,14 +45,15 @@ BUTTONS = [
 ]
 
 
-# One browser for the module's tests (a launch takes seconds); each page has a
-# context of its own.
+# One browser for the module's tests (a launch takes seconds), with a fake
+# microphone that the page may use without asking; each page has a context of
+# its own.
 pytestmark = pytest.mark.asyncio(loop_scope="module")
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def browser() -> AsyncIterator[Any]:
-    async with launch() as browser:
+    async with launch(FAKE_MICROPHONE) as browser:
         yield browser
 
 
@@ -153,6 +154,11 @@ class SlowClipBackend(FakeClipBackend):
         self.finished.append(job.text)
 
 
+def clip_seconds(path: Path) -> float:
+    with wave.open(str(path)) as clip:
+        return clip.getnframes() / clip.getframerate()
+
+
 async def voice_names(page: Page) -> List[str]:
     return list(
         await page.page.evaluate(
@@ -223,7 +229,14 @@ async def test_speak_plays_before_the_reply_is_generated(
         await screenshot(page, "page.png")
         await page.wait("window.__voxState.phase === 'done'", timeout=30)
         state = await page.state()
+        progress = await page.page.locator("#groups-text").text_content()
+        first_audio = await page.page.locator("#first-audio-text").text_content()
     groups = len(backend.finished)
+    # The page says how far the reply got and how soon it was heard.
+    assert progress == f"Groups {state['groups']} / {state['groups']}"
+    assert first_audio is not None and first_audio.startswith("First audio: ")
+    shown = float(first_audio.split(": ")[1].rstrip(" s"))
+    assert shown == pytest.approx(state["firstAudioMs"] / 1000, abs=0.006)
     assert groups >= 3
     # The first piece played while the server still had groups to make, and the
     # page knew it: the reply's end had not arrived.
@@ -327,6 +340,15 @@ async def test_uploaded_voice_appears_in_the_list_and_in_describe_then_is_delete
         assert await page.page.evaluate("() => window.__sameDocument") is True
         assert (server.voices / "alice_smith.wav").is_file()
         assert "alice_smith" in await describe_voices(server.wyoming_port)
+        # Its sample plays: the clip that was uploaded, in the page's player.
+        await page.page.get_by_role("button", name="Play sample").click()
+        await page.wait(
+            "(p => !p.hidden && p.currentTime > 0)(document.getElementById('sample-player'))"
+        )
+        seconds = await page.page.evaluate(
+            "() => document.getElementById('sample-player').duration"
+        )
+        assert seconds == pytest.approx(clip_seconds(clip), abs=0.05)
 
         dialogs: List[str] = []
 
@@ -373,11 +395,11 @@ async def test_a_bad_upload_shows_the_servers_reason_and_writes_nothing(
 
 
 async def test_a_recording_from_the_microphone_becomes_a_voice(
-    web, tmp_path: Path
+    web, browser, tmp_path: Path
 ) -> None:
-    async with web(clip_backend(tmp_path)) as server, launch(
-        FAKE_MICROPHONE
-    ) as with_microphone, open_page(with_microphone, server.url) as page:
+    async with web(clip_backend(tmp_path)) as server, open_page(
+        browser, server.url
+    ) as page:
         await page.wait("document.querySelectorAll('#voice option').length > 0")
         await page.page.get_by_role("button", name="Record clip").click()
         await page.page.get_by_role("button", name="Stop recording").wait_for()
