@@ -66,6 +66,9 @@ async def test_the_token_guards_the_api_but_not_the_page() -> None:
                 ("POST", "/v1/audio/speech"),
                 ("POST", "/api/stop"),
                 ("POST", "/api/model/unload"),
+                ("POST", "/api/model/load"),
+                ("POST", "/api/voices"),
+                ("DELETE", "/api/voices/default"),
                 ("GET", "/v1/models"),
             ]:
                 async with client.request(
