@@ -80,7 +80,7 @@ async def test_a_stream_not_read_is_not_generated_far_ahead() -> None:
 
 
 async def test_cancel_drops_pending_and_stops_group_in_flight() -> None:
-    backend = FakeBackend(delay=0.5)
+    backend = FakeBackend(delay=2.0)
     worker = await started_worker(backend)
     stream = worker.open_stream("default", PARAMS)
     for i in range(5):
@@ -92,8 +92,8 @@ async def test_cancel_drops_pending_and_stops_group_in_flight() -> None:
     other.add_group("next")
     other.close()
     await asyncio.wait_for(collect(other), 5)
-    # "next" started at once, not after the 0.5 s group that was in flight.
-    assert backend.asked_at[1] - cancelled_at < 0.1
+    # "next" started at once, not after the 2 s group that was in flight.
+    assert backend.asked_at[1] - cancelled_at < 1.0
     assert backend.asked == ["group 0", "next"]
     assert backend.cancelled == ["group 0"]
     await worker.stop()
@@ -205,19 +205,21 @@ async def test_the_reply_whose_listener_runs_dry_first_goes_first() -> None:
 
 
 async def test_cancel_closes_a_half_spoken_group_on_the_worker_thread() -> None:
-    backend = PiecewiseBackend(pieces=50, piece_seconds=0.1, delay=0.01)
+    # 500 pieces (5 s at least): on a loaded machine the cancel still comes
+    # long before the group could end by itself.
+    backend = PiecewiseBackend(pieces=500, piece_seconds=0.1, delay=0.01)
     worker = await started_worker(backend)
     stream = worker.open_stream("default", PARAMS)
     stream.add_group("doomed")
     while len(backend.made) < 3:
         await asyncio.sleep(0.002)
     stream.cancel()
-    deadline = time.monotonic() + 2
+    deadline = time.monotonic() + 5
     while not backend.closed_groups and time.monotonic() < deadline:
         await asyncio.sleep(0.002)
     assert len(backend.closed_groups) == 1
     text, made, thread = backend.closed_groups[0]
-    assert text == "doomed" and made < 50 and thread == "chatterbox-worker"
+    assert text == "doomed" and made < 500 and thread == "chatterbox-worker"
     made_then = len(backend.made)
     await asyncio.sleep(0.1)
     assert len(backend.made) == made_then  # nothing more made for it

@@ -635,9 +635,12 @@ def test_very_short_texts_are_spoken(model: Any, text: str) -> None:
     # Upstream's alignment analyzer fails on texts of a few tokens.
     import torch
 
+    # The analyzer is left out for them from the first step; 150 tokens show
+    # that, at a tenth of the vocoding a random-weight model's babble to
+    # 1,000 tokens costs.
     for seed in range(3):
         torch.manual_seed(seed)
         audio, tokens, _ = generate(
-            model, model.conds, text, "de", DEFAULT_PARAMS, Budget(max_tokens=1000)
+            model, model.conds, text, "de", DEFAULT_PARAMS, Budget(max_tokens=150)
         )
         assert tokens > 0 and len(audio) == SAMPLES_PER_TOKEN * tokens

@@ -246,7 +246,8 @@ async def test_describe_is_fast_during_long_synthesis(serve) -> None:
                 latencies.append(time.monotonic() - sent)
                 assert event is not None and Info.is_type(event.type)
         assert server.backend.finished == []  # the synthesis really was running
-    assert max(latencies) < 0.1, latencies
+    # A loop blocked by the 3 s synthesis would answer in seconds.
+    assert max(latencies) < 1.0, latencies
 
 
 async def test_disconnect_abandons_pending_groups(serve) -> None:
@@ -257,19 +258,20 @@ async def test_disconnect_abandons_pending_groups(serve) -> None:
             await client.send(Synthesize(text=LONG_TEXT).event())
             assert (await client.read()).type == "audio-start"  # type: ignore[union-attr]
             assert (await client.read()).type == "audio-chunk"  # type: ignore[union-attr]
-        left = time.monotonic()
         await asyncio.sleep(1.0)  # time for two or three more groups, were they run
         backend = server.backend
         # The first group was spoken; at most the next one was in flight.
         assert backend.asked == groups[: len(backend.asked)]
         assert len(backend.asked) <= 2, backend.asked
         assert len(backend.finished) + len(backend.cancelled) == len(backend.asked)
-        # The worker is free at once for the next client.
+        abandoned = len(backend.asked)
+        # The worker goes straight to the next client: no group of the
+        # abandoned reply is run before (or after) it.
         async with connect(server.port) as client:
             await client.send(Synthesize(text="Next client.").event())
             reply = await client.read_reply()
         assert len(reply.audio) == fake_bytes("Next client.")
-        assert backend.asked_at[-1] - left < 1.0 + 0.1
+        assert backend.asked[abandoned:] == ["Next client."]
 
 
 async def test_engine_error_sends_error_and_closes_others_served(serve) -> None:
