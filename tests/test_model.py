@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import AsyncIterator, Iterable, Iterator, List
 
+import aiohttp
 import numpy as np
 import pytest
 from wyoming.info import Describe, Info
@@ -272,6 +273,7 @@ async def test_real_server_one_shot_and_streaming(
     voices_dir = tmp_path / "voices"
     voices_dir.mkdir()
     write_clip(voices_dir / "Alice.flac")
+    http_port = free_port()
     async with real_server(
         "--model-dir",
         str(checkpoint),
@@ -281,6 +283,8 @@ async def test_real_server_one_shot_and_streaming(
         str(tmp_path / "data"),
         "--voices-dir",
         str(voices_dir),
+        "--http-port",
+        str(http_port),
     ) as port:
         async with connect(port) as client:
             await client.send(Describe().event())
@@ -315,6 +319,19 @@ async def test_real_server_one_shot_and_streaming(
             assert {(c.rate, c.width, c.channels) for c in streamed.chunks} == {
                 (24000, 2, 1)
             }
+
+        # The same model over HTTP: one streamed WAV, whole speech tokens.
+        async with aiohttp.ClientSession(
+            timeout=aiohttp.ClientTimeout(total=180)
+        ) as http:
+            async with http.post(
+                f"http://127.0.0.1:{http_port}/api/speak.wav",
+                json={"text": "Hello there.", "voice": "alice"},
+            ) as resp:
+                assert resp.status == 200
+                wav = await resp.read()
+        assert wav[:4] == b"RIFF" and wav[36:40] == b"data"
+        tokens_in(wav[44:], 1)
 
 
 def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:  # type: ignore[type-arg]

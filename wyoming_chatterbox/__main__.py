@@ -3,7 +3,7 @@
 Every default comes from settings.py; a flag that cannot work (a bad value, a
 missing folder) ends the process with exit code 1 and one sentence.
 
-Long (~550 lines): one declaration per flag, and nothing else to split off.
+Long (~550 lines): one declaration per flag, each with its help text.
 """
 
 import argparse
@@ -20,6 +20,8 @@ from .settings import (
     DEFAULT_DATA_DIR,
     DEFAULT_DEVICE,
     DEFAULT_FIRST_PIECE_TOKENS,
+    DEFAULT_HTTP_ALLOW,
+    DEFAULT_HTTP_HOST,
     DEFAULT_IDLE_TIMEOUT,
     DEFAULT_LOUDNESS_LUFS,
     DEFAULT_MAX_CONNECTIONS,
@@ -352,6 +354,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="end a stream that sends no event for this long: speak what came, "
         f"then close (default: {DEFAULT_STREAM_TIMEOUT:g})",
     )
+    add_http_arguments(parser)
     add_speed_arguments(parser)
     parser.add_argument("--debug", action="store_true", help="log DEBUG messages")
     parser.add_argument(
@@ -359,6 +362,75 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=__version__)
     return parser
+
+
+def add_http_arguments(parser: argparse.ArgumentParser) -> None:
+    """The web page and HTTP API (docs/http-api.md)."""
+    group = parser.add_argument_group("web page and HTTP API")
+    group.add_argument(
+        "--http-port",
+        type=_port,
+        metavar="PORT",
+        help="serve the web page, its API and an OpenAI-compatible speech API on "
+        "this port (default: off)",
+    )
+    group.add_argument(
+        "--http-host",
+        default=DEFAULT_HTTP_HOST,
+        help=f"address for --http-port (default: {DEFAULT_HTTP_HOST}, this machine "
+        "only; 0.0.0.0 for all interfaces, with --http-allow)",
+    )
+    group.add_argument(
+        "--http-allow",
+        nargs="+",
+        default=list(DEFAULT_HTTP_ALLOW),
+        metavar="CIDR",
+        help="networks whose clients may use the HTTP side, e.g. 127.0.0.1 "
+        "192.168.1.0/24; replaces the default "
+        f"({' '.join(DEFAULT_HTTP_ALLOW)}: this machine only)",
+    )
+    token = group.add_mutually_exclusive_group()
+    token.add_argument(
+        "--http-token",
+        metavar="TOKEN",
+        help="require this token (Authorization: Bearer TOKEN, or a login on the "
+        "page) for the API, uploads and deletes",
+    )
+    token.add_argument(
+        "--http-token-file",
+        type=Path,
+        metavar="PATH",
+        help="read the token from this file (keeps it out of the process list)",
+    )
+    group.add_argument(
+        "--http-cors",
+        metavar="ORIGIN",
+        help="let pages from this one other origin use the API from a browser, "
+        "e.g. http://192.168.1.5:3000 (default: none)",
+    )
+    group.add_argument(
+        "--http-cert",
+        type=Path,
+        metavar="FILE",
+        help="serve HTTPS with this certificate (PEM; the browser's microphone "
+        "needs HTTPS except on localhost)",
+    )
+    group.add_argument(
+        "--http-key", type=Path, metavar="FILE", help="the certificate's key (PEM)"
+    )
+
+
+def http_token(args: argparse.Namespace) -> Optional[str]:
+    """--http-token, or the first line of --http-token-file; ValueError."""
+    if args.http_token_file is None:
+        return args.http_token
+    try:
+        text = args.http_token_file.read_text(encoding="utf-8").strip()
+    except (OSError, UnicodeDecodeError) as err:
+        raise ValueError(f"--http-token-file {args.http_token_file}: {err}") from None
+    if not text:
+        raise ValueError(f"--http-token-file {args.http_token_file} is empty")
+    return text.splitlines()[0].strip()
 
 
 def add_speed_arguments(parser: argparse.ArgumentParser) -> None:
@@ -486,6 +558,13 @@ def settings_from(args: argparse.Namespace) -> Settings:
         zeroconf_host=args.zeroconf_host,
         metrics_port=args.metrics_port,
         metrics_host=args.metrics_host,
+        http_port=args.http_port,
+        http_host=args.http_host,
+        http_allow=tuple(args.http_allow),
+        http_token=http_token(args),
+        http_cors=args.http_cors,
+        http_cert=args.http_cert,
+        http_key=args.http_key,
     )
 
 

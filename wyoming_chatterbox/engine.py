@@ -11,8 +11,8 @@ Each stream's scheduling state is one `StreamState` that only the worker touches
 its thread, or under its lock in the methods a handle calls). This module knows
 nothing about torch, Wyoming or text; it must not block the event loop.
 
-Long (~580 lines): the worker's scheduling and the models' lives (load, warm-up,
-idle unload, reload) share one lock and one thread.
+Long (~650 lines): the worker's scheduling and the models' lives (load, warm-up,
+idle unload, reload, load and unload on request) share one lock and one thread.
 """
 
 import asyncio
@@ -42,6 +42,14 @@ from .speech import (
 from .stream import GROUP_END, STREAM_END, StreamState, SynthesisStream
 
 _LOGGER = logging.getLogger(__name__)
+
+# What the event loop may ask the worker to do with the model (model_request).
+LOAD = "load"
+UNLOAD = "unload"
+
+
+class EngineBusy(Exception):
+    """The model cannot be unloaded now: replies are in progress."""
 
 
 class EngineWorker:
@@ -86,6 +94,8 @@ class EngineWorker:
         self._thread: Optional[threading.Thread] = None
         self._loaded: "Optional[asyncio.Future[None]]" = None
         self._died: "Optional[asyncio.Future[BaseException]]" = None
+        # Load/unload requests from the event loop, served between pieces.
+        self._requests: Deque[Tuple[str, "asyncio.Future[None]"]] = deque()
 
     @property
     def sample_rate(self) -> int:
@@ -143,6 +153,42 @@ class EngineWorker:
             self._cond.notify_all()
         if self._thread is not None:
             await asyncio.get_running_loop().run_in_executor(None, self._thread.join)
+
+    @property
+    def running(self) -> bool:
+        """Whether the worker serves requests: its first load done, not
+        stopped or dead (the model may be unloaded: a request reloads it)."""
+        thread, loaded = self._thread, self._loaded
+        return (
+            thread is not None
+            and thread.is_alive()
+            and not self._stopping
+            and loaded is not None
+            and loaded.done()
+            and not loaded.cancelled()
+            and loaded.exception() is None
+        )
+
+    async def model_request(self, what: str) -> None:
+        """LOAD or UNLOAD the model now, on the worker, between two pieces of
+        work; returns once done. UNLOAD raises EngineBusy while any reply is in
+        progress; LOAD raises what the backend's load() raised. A speech
+        request after an UNLOAD loads the model again by itself."""
+        future = asyncio.get_running_loop().create_future()
+        with self._cond:
+            if what == UNLOAD and self._streams:
+                raise EngineBusy(self._busy_message_locked())
+            if not self.running:
+                raise EngineError("the speech engine is not running")
+            self._requests.append((what, future))
+            self._cond.notify_all()
+        await future
+
+    def _busy_message_locked(self) -> str:
+        return (
+            f"{len(self._streams)} replies are in progress; stop them or wait "
+            "before unloading the model"
+        )
 
     def voices(self) -> List[VoiceInfo]:
         """Every model's voices, after a fresh look for new ones; new voices are
@@ -351,6 +397,9 @@ class EngineWorker:
             with self._cond:
                 abandoned = self._abandoned + list(self._streams)
                 self._abandoned = []
+                requests, self._requests = list(self._requests), deque()
+            for _, future in requests:
+                self._answer(future, EngineError("the speech engine stopped"))
             self._close_groups(abandoned)
             self._close_models()
 
@@ -364,10 +413,14 @@ class EngineWorker:
 
     def _serve_once(self) -> bool:
         """Wait for something to do and do one piece of it; False to stop."""
+        if self._serve_request():
+            return True
         unload: Optional[str] = None
         text: Optional[str] = None
         with self._cond:
             while True:
+                if self._requests and not self._stopping:
+                    return True  # served first, by the next call
                 stream = self._next_job_locked()
                 if stream is not None or self._stopping:
                     break
@@ -389,7 +442,11 @@ class EngineWorker:
             abandoned, self._abandoned = self._abandoned, []
         self._close_groups(abandoned)
         if unload is not None:
-            self._unload(unload)
+            self._unload(
+                unload,
+                f"Idle for {self.settings.idle_unload:.0f} s: unloading "
+                f"{self._name(unload)} to free its memory",
+            )
         elif stream is None:
             # Nothing to speak: the backends' deferred work, one step.
             if self._background_step():
@@ -397,7 +454,11 @@ class EngineWorker:
                     self._background_due = True
         else:
             if text is not None and not self._resident[stream.model]:
-                self._reload(stream.model)
+                self._reload(
+                    stream.model,
+                    "A request came after an unload: loading "
+                    f"{self._name(stream.model)} again",
+                )
             self._step(stream, text)
         return True
 
@@ -431,12 +492,47 @@ class EngineWorker:
         wait, key = min(due)
         return wait, key
 
-    def _unload(self, key: str) -> None:
-        _LOGGER.info(
-            "Idle for %.0f s: unloading %s to free its memory",
-            self.settings.idle_unload,
-            self._name(key),
-        )
+    def _serve_request(self) -> bool:
+        """Serve one load/unload request (model_request), if one waits: it
+        unloads, or loads, every model."""
+        with self._cond:
+            if not self._requests or self._stopping:
+                return False
+            what, future = self._requests.popleft()
+            busy = what == UNLOAD and bool(self._streams)
+            message = self._busy_message_locked() if busy else ""
+        error: Optional[BaseException] = None
+        if busy:
+            error = EngineBusy(message)
+        for key in self.models:
+            if error is not None:
+                break
+            if what == UNLOAD and self._resident[key]:
+                self._unload(key, f"Unloading {self._name(key)} on request")
+            elif what == LOAD and not self._resident[key]:
+                error = self._reload(key, f"Loading {self._name(key)} on request")
+        self._answer(future, error)
+        return True
+
+    @staticmethod
+    def _answer(future: "asyncio.Future[None]", error: Optional[BaseException]) -> None:
+        """Settle a request's future on its event loop (it may have gone)."""
+
+        def settle() -> None:
+            if future.done():
+                return
+            if error is None:
+                future.set_result(None)
+            else:
+                future.set_exception(error)
+
+        try:
+            future.get_loop().call_soon_threadsafe(settle)
+        except RuntimeError:  # the loop is closed
+            pass
+
+    def _unload(self, key: str, reason: str) -> None:
+        _LOGGER.info("%s", reason)
         self._resident[key] = False
         before = resident_bytes()
         try:
@@ -446,20 +542,22 @@ class EngineWorker:
         # The allocator keeps what the model freed unless told to give it back.
         _LOGGER.info("Model unloaded (%s): %s", self._name(key), give_back(before))
 
-    def _reload(self, key: str) -> None:
-        """Load a model again for a request; a failure fails that group."""
+    def _reload(self, key: str, reason: str) -> Optional[Exception]:
+        """Load a model again; the error if that failed (a request that needed
+        it fails)."""
         name = self._name(key)
-        _LOGGER.info("A request came after an idle unload: loading %s again", name)
+        _LOGGER.info("%s", reason)
         started = self.clock()
         try:
             self.models[key].load()
-        except Exception:  # pylint: disable=broad-except
+        except Exception as err:  # pylint: disable=broad-except
             _LOGGER.exception("Loading %s again failed", name)
-            return
+            return err
         self._resident[key] = True
         with self._cond:
             self._last_active[key] = self.clock()
         _LOGGER.info("%s back in %.1f s", name, self.clock() - started)
+        return None
 
     def _name(self, key: str) -> str:
         return self.models[key].model_name or key

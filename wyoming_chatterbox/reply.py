@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import time
 from dataclasses import dataclass
-from typing import AsyncIterator, Callable, List, Optional, Set, Tuple
+from typing import AsyncIterator, Callable, List, Mapping, Optional, Set, Tuple
 
 from .audio import CHANNELS, SAMPLE_WIDTH, float_to_pcm16
 from .engine import EngineWorker
@@ -87,13 +87,19 @@ class Replies:
         self.observers: List[Callable[[ReplyRecord], None]] = []
 
     def open(
-        self, voice: Optional[str], language: Optional[str], live: bool
+        self,
+        voice: Optional[str],
+        language: Optional[str],
+        live: bool,
+        overrides: Optional[Mapping[str, float]] = None,
     ) -> "Reply":
         """A new reply in `voice` (None: the default voice) and `language`.
 
         `live`: the listener plays audio as it comes (a stream); otherwise it
-        waits for all of it (one piece per group is less work then). Raises
-        UnknownVoice, after recording the refusal.
+        waits for all of it (one piece per group is less work then).
+        `overrides`: this request's sampling settings, over the voice's and
+        the server's (checked by the caller). Raises UnknownVoice, after recording the
+        refusal.
         """
         name = voice or self.settings.default_voice
         try:
@@ -105,7 +111,7 @@ class Replies:
         model = resolved.model  # the engine's models say which speaks the voice
         params = dataclasses.replace(
             self.engine.models.default_params(model),
-            **{**self.settings.params, **resolved.params},  # type: ignore[arg-type]
+            **{**self.settings.params, **resolved.params, **(overrides or {})},  # type: ignore[arg-type]
         )
         stream = self.engine.open_stream(
             resolved.name, params, resolved.language, whole=not live, model=model
@@ -358,6 +364,12 @@ class Reply:
     @property
     def cancelled(self) -> bool:
         return self.stream.cancelled
+
+    @property
+    def groups_done(self) -> int:
+        """Sentence groups whose audio is all made, of `groups` so far."""
+        first = self._first.result() if self._first.done() else None
+        return self.stream.groups_made + (first.groups_made if first else 0)
 
     @property
     def speaking(self) -> bool:

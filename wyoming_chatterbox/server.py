@@ -15,7 +15,16 @@ import signal
 import sys
 from functools import partial
 from pathlib import Path
-from typing import Awaitable, Callable, List, Mapping, Optional, Set, Union
+from typing import (
+    TYPE_CHECKING,
+    Awaitable,
+    Callable,
+    List,
+    Mapping,
+    Optional,
+    Set,
+    Union,
+)
 from urllib.parse import urlparse
 
 from wyoming.error import Error
@@ -30,6 +39,10 @@ from .metrics import Metrics, MetricsServer, MetricsServerError, start_metrics_s
 from .reply import Replies, ReplyRecord
 from .settings import ServerSettings, Settings
 from .speech import EngineDied, ModelLoadError, SpeechBackend, UnknownVoice
+from .web import HttpStartError
+
+if TYPE_CHECKING:
+    from .web.app import HttpServer
 
 _LOGGER = logging.getLogger(__name__)
 
@@ -185,7 +198,7 @@ async def run_server(
 ) -> None:
     """Load the model (or the models, by key), then serve until SIGTERM/SIGINT
     (or until `stop_signal` returns). Raises ModelLoadError,
-    MetricsServerError, EngineDied.
+    MetricsServerError, HttpStartError, EngineDied.
 
     A stop ends well: no new connections, replies in progress get
     `shutdown_grace` seconds to finish and are then cut short with an
@@ -205,6 +218,7 @@ async def run_server(
     )
     listener: Optional[Listener] = None
     metrics_server: Optional[MetricsServer] = None
+    http: "Optional[HttpServer]" = None
     advertising: "Optional[asyncio.Task[None]]" = None
     try:
         # Before the slow load: a taken port fails at once, and a scrape shows
@@ -212,6 +226,9 @@ async def run_server(
         metrics_server = await _serve_metrics(
             metrics, replies, server, connections, admission
         )
+        # Also before the load: a taken port or a bad certificate fails at
+        # once, and /health says 503 while the model loads.
+        http = await _serve_http(replies, settings)
         await engine.start()
         voices = _check_default_voice(engine, settings.reply.default_voice)
 
@@ -239,6 +256,8 @@ async def run_server(
         await connections.drain(server.shutdown_grace)
     finally:
         await _withdraw(advertising, advertiser)
+        if http is not None:
+            await http.stop()
         if listener is not None:
             await listener.close()
         await engine.stop()
@@ -268,6 +287,17 @@ async def _serve_metrics(
     )
     _LOGGER.info("Prometheus metrics on %s", metrics_server.url)
     return metrics_server
+
+
+async def _serve_http(replies: Replies, settings: Settings) -> "Optional[HttpServer]":
+    """The web page and HTTP API, if --http-port asks for them."""
+    if settings.http.http_port is None:
+        return None
+    from .web.app import HttpServer  # pylint: disable=import-outside-toplevel
+
+    http = HttpServer(replies, settings)
+    await http.start()
+    return http
 
 
 def _check_default_voice(engine: EngineWorker, default_voice: str) -> List[str]:
@@ -404,6 +434,9 @@ def run(settings: Settings) -> int:
         return 1
     except MetricsServerError as err:
         _LOGGER.error("--metrics-port %s: %s", settings.server.metrics_port, err)
+        return 1
+    except HttpStartError as err:
+        _LOGGER.error("%s", err)
         return 1
     except EngineDied as err:
         _LOGGER.error("Exiting: %s (a supervisor such as Docker restarts it)", err)

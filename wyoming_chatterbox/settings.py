@@ -6,9 +6,11 @@ nothing here does I/O or imports torch.
 """
 
 import dataclasses
+import ipaddress
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Tuple, Union
+from urllib.parse import urlsplit
 
 MODELS = ("turbo", "nano", "multilingual")
 DEFAULT_MODEL = "turbo"
@@ -48,6 +50,12 @@ DEFAULT_IDLE_TIMEOUT = 60.0
 DEFAULT_STREAM_TIMEOUT = 120.0
 DEFAULT_SHUTDOWN_GRACE = 5.0
 DEFAULT_METRICS_HOST = "0.0.0.0"
+# The web page and HTTP API (--http-port): this machine only unless opened.
+DEFAULT_HTTP_HOST = "127.0.0.1"
+DEFAULT_HTTP_ALLOW = ("127.0.0.0/8", "::1/128")
+# An uploaded voice clip: 20 s of 48 kHz 16-bit stereo WAV is under 4 MB, so
+# 20 MB is room for any sensible clip (and minutes of MP3).
+DEFAULT_MAX_UPLOAD_BYTES = 20 * 1024 * 1024
 LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 # Speech tokens T3 must produce before the first audio of a group is made, and
@@ -303,11 +311,68 @@ class ServerSettings:
 
 
 @dataclass(frozen=True)
+class HttpSettings:
+    """The web page and HTTP API (web/): off unless a port is given."""
+
+    http_port: Optional[int] = None
+    http_host: str = DEFAULT_HTTP_HOST
+    # Networks whose clients may use it (CIDR); the list replaces the default.
+    http_allow: Tuple[str, ...] = DEFAULT_HTTP_ALLOW
+    http_token: Optional[str] = None  # Bearer token for /api/* and /v1/*
+    http_cors: Optional[str] = None  # the one foreign origin allowed (CORS)
+    http_cert: Optional[Path] = None  # HTTPS: certificate chain (PEM)
+    http_key: Optional[Path] = None  # HTTPS: its private key (PEM)
+    max_upload_bytes: int = DEFAULT_MAX_UPLOAD_BYTES
+
+    def __post_init__(self) -> None:
+        if (self.http_cert is None) != (self.http_key is None):
+            raise ValueError("--http-cert and --http-key go together")
+        if self.http_token is not None and not self.http_token.strip():
+            raise ValueError("--http-token must not be empty")
+        self.allowed_networks()
+        self.cors_origin()
+
+    def allowed_networks(
+        self,
+    ) -> List[Union[ipaddress.IPv4Network, ipaddress.IPv6Network]]:
+        """--http-allow as networks; ValueError naming an entry that is not one."""
+        networks = []
+        for cidr in self.http_allow:
+            try:
+                networks.append(ipaddress.ip_network(cidr.strip(), strict=False))
+            except ValueError:
+                raise ValueError(
+                    f"--http-allow {cidr}: not a network; write e.g. 192.168.1.0/24 "
+                    "or 192.168.1.20"
+                ) from None
+        return networks
+
+    def cors_origin(self) -> Optional[str]:
+        """--http-cors as scheme://host[:port]; ValueError if it is not one."""
+        if self.http_cors is None:
+            return None
+        parts = urlsplit(self.http_cors.strip())
+        if (
+            parts.scheme not in ("http", "https")
+            or not parts.hostname
+            or parts.path not in ("", "/")
+            or parts.query
+            or parts.username
+        ):
+            raise ValueError(
+                f"--http-cors {self.http_cors}: give an origin such as "
+                "http://192.168.1.5:3000"
+            )
+        return f"{parts.scheme}://{parts.netloc.lower()}"
+
+
+@dataclass(frozen=True)
 class Settings:
     model: ModelSettings = field(default_factory=ModelSettings)
     engine: EngineSettings = field(default_factory=EngineSettings)
     reply: ReplySettings = field(default_factory=ReplySettings)
     server: ServerSettings = field(default_factory=ServerSettings)
+    http: HttpSettings = field(default_factory=HttpSettings)
 
     @classmethod
     def of(cls, **values: object) -> "Settings":

@@ -170,6 +170,8 @@ class SpeechBackend(ABC):
     model_name: str = "Chatterbox Turbo"
     # Sampling settings when neither the command line nor the voice sets them.
     default_params: SamplingParams = SamplingParams()
+    # Where the model runs (after load), for status pages.
+    device: str = "cpu"
 
     @abstractmethod
     def load(self) -> None:

@@ -97,9 +97,12 @@ class SynthesisStream:
         self._queue: "asyncio.Queue[object]" = asyncio.Queue()
         self.groups_heard = 0  # groups whose audio has all been read
         loop = asyncio.get_running_loop()
+        # Groups whose audio has all come from the worker (read or not yet):
+        # a front end's progress display.
+        self.groups_made = 0
 
         def put(item: object) -> None:
-            loop.call_soon_threadsafe(self._queue.put_nowait, item)
+            loop.call_soon_threadsafe(self._arrive, item)
 
         self._state = StreamState(job, self._cancel, put, worker.clock(), model)
         self._state.loop = loop
@@ -107,6 +110,11 @@ class SynthesisStream:
     @property
     def cancelled(self) -> bool:
         return self._cancel.is_set()
+
+    def _arrive(self, item: object) -> None:
+        if item is GROUP_END:
+            self.groups_made += 1
+        self._queue.put_nowait(item)
 
     def add_group(self, text: str) -> None:
         """Queue a sentence group for synthesis."""
