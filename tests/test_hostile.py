@@ -15,7 +15,7 @@ import re
 import socket
 import time
 from pathlib import Path
-from typing import AsyncIterator, List, Optional, Tuple
+from typing import Any, AsyncIterator, List, Optional, Tuple
 
 import pytest
 from hypothesis import HealthCheck, given
@@ -44,6 +44,7 @@ from wyoming_chatterbox.wire import (
     MAX_PAYLOAD_BYTES,
     MAX_REPLIES_PER_CONNECTION,
     ProtocolViolation,
+    deadline,
     read_event_capped,
 )
 
@@ -521,6 +522,20 @@ def idle_settings(seconds: float) -> Settings:
     )
 
 
+@pytest.mark.parametrize("python_3_10", [False, True], ids=["3.11+", "3.10"])
+async def test_a_deadline_ends_a_wait(monkeypatch: Any, python_3_10: bool) -> None:
+    # Python 3.10 has no asyncio.timeout; without another, no timeout applied.
+    if python_3_10:
+        monkeypatch.delattr(asyncio, "timeout", raising=False)
+    started = time.monotonic()
+    with pytest.raises(asyncio.TimeoutError):
+        async with deadline(0.1):
+            await asyncio.sleep(10)
+    assert time.monotonic() - started < 5
+    async with deadline(None):  # no deadline
+        await asyncio.sleep(0.15)
+
+
 async def test_idle_timeout_closes_a_silent_connection(serve_backend) -> None:
     async with serve_backend(FakeBackend(), idle_settings(0.3)) as server:
         async with connect(server.port) as silent:
@@ -568,8 +583,14 @@ async def test_idle_timeout_spares_a_client_listening_to_a_long_reply(
             assert the_error(events).code == "idle-timeout"
 
 
-async def test_a_client_that_stops_reading_is_dropped(serve_backend) -> None:
-    """Audio it never reads cannot hold the connection (and its reply) forever."""
+@pytest.mark.parametrize("python_3_10", [False, True], ids=["3.11+", "3.10"])
+async def test_a_client_that_stops_reading_is_dropped(
+    serve_backend, monkeypatch: Any, python_3_10: bool
+) -> None:
+    """Audio it never reads cannot hold the connection (and its reply) forever
+    (also where asyncio has no timeout, as on Python 3.10)."""
+    if python_3_10:
+        monkeypatch.delattr(asyncio, "timeout", raising=False)
     text = "This sentence is spoken over and over again. " * 400
     assert len(text) <= CAP and fake_bytes(text) > 2_500_000
     async with serve_backend(FakeBackend(), idle_settings(0.3)) as server:

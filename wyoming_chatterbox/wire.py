@@ -92,10 +92,15 @@ def data_cap(max_text_chars: Optional[int]) -> int:
 def deadline(seconds: Optional[float]) -> "contextlib.AbstractAsyncContextManager[Any]":
     """asyncio.timeout(seconds): asyncio.TimeoutError once they have passed, in the
     task itself (wait_for runs the awaitable as a task of its own, which can reorder
-    writes). Python 3.10 has no asyncio.timeout: there, no deadline."""
-    timeout = getattr(asyncio, "timeout", None)
-    if seconds is None or timeout is None:
+    writes). Python 3.10 has no asyncio.timeout: there, async_timeout's, which
+    asyncio.timeout was made from (without it, no idle timeout would apply)."""
+    if seconds is None:
         return contextlib.nullcontext()
+    timeout = getattr(asyncio, "timeout", None)
+    if timeout is None:  # Python 3.10
+        import async_timeout  # pylint: disable=import-outside-toplevel
+
+        timeout = async_timeout.timeout
     return cast("contextlib.AbstractAsyncContextManager[Any]", timeout(seconds))
 
 
