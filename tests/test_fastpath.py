@@ -32,15 +32,19 @@ GREEDY = SamplingParams(top_k=1)
 TEXT = "The kitchen light is on and the door is locked."
 
 
-def make_backend(folder: Path, tokens: int, **switches):  # type: ignore[no-untyped-def]
-    from wyoming_chatterbox.chatterbox.turbo import TurboBackend
+def make_backend(  # type: ignore[no-untyped-def]
+    folder: Path, tokens: int, model: str = "turbo", **switches
+):
+    """Turbo (or Nano) on `folder`, every group exactly `tokens` long, loaded."""
+    from wyoming_chatterbox.chatterbox.turbo import NanoBackend, TurboBackend
 
-    class Forced(TurboBackend):
+    class Forced(NanoBackend if model == "nano" else TurboBackend):  # type: ignore[misc]
         def token_range(self, text: str) -> Tuple[int, int]:
             return tokens, tokens
 
     backend = Forced(
         ModelSettings(
+            models=(model,),
             model_dir=folder,
             data_dir=ROOT / ".cache" / "unused",
             device="cpu",

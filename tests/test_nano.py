@@ -13,12 +13,13 @@ import shutil
 import subprocess
 import sys
 from pathlib import Path
-from typing import Any, Iterator, Tuple
+from typing import Any, Iterator
 
 import pytest
 from wyoming.info import Describe, Info
 from wyoming.tts import Synthesize, SynthesizeChunk, SynthesizeStart, SynthesizeStop
 
+from tests.test_fastpath import make_backend
 from tests.test_model import checkpoint  # noqa: F401
 from tests.test_model import (
     ENV,
@@ -31,7 +32,6 @@ from tests.test_model import (
 )
 from tests.wyoming_client import connect
 from wyoming_chatterbox.sentences import split_groups
-from wyoming_chatterbox.settings import FastPath, ModelSettings
 from wyoming_chatterbox.speech import SamplingParams, SpeechJob
 
 pytestmark = pytest.mark.model
@@ -88,29 +88,11 @@ def test_nano_is_turbo_with_gpt2_small_and_not_a_test_checkpoint(
     assert model.conds is not None  # the built-in voice
 
 
-def make_backend(folder: Path, tokens: int = 0, **switches: Any) -> Any:
-    from wyoming_chatterbox.chatterbox.turbo import NanoBackend
-
-    class Forced(NanoBackend):
-        def token_range(self, text: str) -> Tuple[int, int]:
-            return (tokens, tokens) if tokens else super().token_range(text)
-
-    backend = Forced(
-        ModelSettings(
-            models=("nano",),
-            model_dir=folder,
-            data_dir=ROOT / ".cache" / "unused",
-            device="cpu",
-            fast=FastPath(**switches),
-        )
-    )
-    backend.load()
-    return backend
-
-
 @pytest.fixture(scope="module")
 def nano(nano_checkpoint: Path) -> Iterator[Any]:
-    backend = make_backend(nano_checkpoint, 24, stream_in_group=False, t3_batch=2)
+    backend = make_backend(
+        nano_checkpoint, 24, "nano", stream_in_group=False, t3_batch=2
+    )
     yield backend
     backend.close()
 
